@@ -1,0 +1,3 @@
+"""decoupled: asynchronous training with decoupled neural interfaces."""
+
+__version__ = "0.1.0"
