@@ -66,7 +66,7 @@ class ChannelClosed(Exception):
 
 class Sender(Protocol):
     def send(self, message: Message, timeout: float | None = None) -> None:
-        """Deliver ``message``; with Policy.BLOCK wait while full (TimeoutError after ``timeout``)."""
+        """Deliver ``message``; with Policy.BLOCK, wait while full (TimeoutError after timeout)."""
         ...
 
 

@@ -2,14 +2,26 @@
 
 The dataclasses are the schema. Field metadata carries what a type cannot say:
 ``choices`` (allowed values), ``min``/``max`` (inclusive range), ``gt`` (strict lower bound).
-Validation lives in ``load_config``; every problem is collected and reported at once, each with
-its dotted key path, so a user fixes a config in one round trip.
+``load_config``/``parse_config`` check a raw mapping against the type hints and metadata, then
+the rules that span fields. Every problem is collected and reported at once, each with its dotted
+key path, so a user fixes a config in one round trip.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import difflib
+import itertools
+import math
+import reprlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from types import UnionType
+from typing import Any, Final, Union, get_args, get_origin, get_type_hints
+
+import yaml
 
 METHODS = ("backprop", "pipeline", "dni", "cdni")
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
@@ -117,7 +129,8 @@ class CheckpointConfig:
 
 @dataclass
 class Config:
-    seed: int = 0
+    # numpy's legacy seeding accepts only 0 .. 2**32 - 1.
+    seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
     stages: int = field(default=2, metadata={"min": 1})
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -127,3 +140,359 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# --- loading and validation -------------------------------------------------------------------
+
+# (dotted key path, problem); kept apart until the end so cross-field checks can skip fields that
+# already failed instead of piling a second, misleading complaint on top.
+_Found = list[tuple[str, str]]
+
+# Returned by _convert for a value it rejected; distinct from None, which is a valid value.
+_INVALID: Final = object()
+
+_TYPE_NAMES: Final[dict[Any, str]] = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    type(None): "null",
+}
+
+# Values quoted in messages may come from a hostile or huge YAML file (aliases can make a
+# small file expand enormously), so their repr is bounded.
+_repr = reprlib.Repr()
+_repr.maxlevel, _repr.maxstring, _repr.maxother, _repr.maxlist, _repr.maxdict = 2, 40, 40, 4, 4
+
+
+class ConfigError(Exception):
+    """One or more problems with a configuration.
+
+    ``str()`` lists each problem on its own line as ``key.path: problem``.
+    """
+
+    problems: list[str]
+
+    def __init__(self, problems: str | Sequence[str]) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        # Passing the list to Exception keeps the error picklable (Ray ships exceptions between
+        # processes and rebuilds them from args).
+        super().__init__(self.problems)
+
+    def __str__(self) -> str:
+        return "\n".join(self.problems)
+
+
+def block_count(model: ModelConfig) -> int:
+    """Number of blocks the model is split into stages by."""
+    if model.name == "fcn":
+        return model.layers
+    if model.name == "cnn":
+        return model.layers + 1  # the conv blocks, then the linear classifier head
+    raise ValueError(f"unknown model {model.name!r}")
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML experiment file, apply ``KEY=VALUE`` overrides and check the result."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read config file: {err}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError) as err:
+        raise ConfigError(_yaml_problem(err, str(path))) from None
+    return parse_config(raw, overrides, source=str(path))
+
+
+def parse_config(
+    raw: Mapping[str, Any] | None, overrides: Sequence[str] = (), source: str = "<config>"
+) -> Config:
+    """Check a raw mapping (as loaded from YAML) plus overrides; ConfigError lists every problem."""
+    if raw is None:  # an empty file
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {_show(raw)}")
+    # The caller's mapping must not change under them when overrides are applied.
+    data = copy.deepcopy(dict(raw))
+    found: _Found = []
+    _apply_overrides(data, overrides, found)
+    cfg = _convert(data, Config, "", found)
+    assert isinstance(cfg, Config)  # a mapping at the top always builds one
+    _cross_check(cfg, found)
+    if found:
+        raise ConfigError([f"{key}: {problem}" for key, problem in found])
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """A plain nested dict of YAML-safe values; ``parse_config`` makes an equal Config of it."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    Path(path).write_text(text, encoding="utf-8")
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> list[str]:
+    """Set each ``dotted.key=VALUE`` (VALUE read as YAML) in ``raw``; return the problems found."""
+    found: _Found = []
+    _apply_overrides(raw, overrides, found)
+    return [f"{key}: {problem}" for key, problem in found]
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: Sequence[str], found: _Found) -> None:
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        parts = key.split(".")
+        if not sep or not all(parts):
+            found.append(
+                (f"override {item!r}", "expected KEY=VALUE with a dotted KEY, e.g. optim.lr=0.01")
+            )
+            continue
+        try:
+            value = yaml.safe_load(text)
+        except (yaml.YAMLError, ValueError) as err:
+            found.append((key, f"cannot read the value of override {item!r}: {_yaml_problem(err)}"))
+            continue
+        # Walk the schema rather than the raw dict, so a typo is caught here, where it can be
+        # blamed on the command line, instead of looking like a problem in the file.
+        node, cls, path = raw, Config, ""
+        for depth, name in enumerate(parts):
+            path = _join(path, name)
+            names = [f.name for f in dataclasses.fields(cls)]
+            if name not in names:
+                found.append((path, f"{_unknown_key(name, names)} (in override {item!r})"))
+                break
+            if depth == len(parts) - 1:
+                node[name] = value
+                break
+            hint = _hints(cls)[name]
+            if not _is_section(hint):
+                found.append((path, f"is a single value, not a section (in override {item!r})"))
+                break
+            child = node.get(name)
+            if child is None:
+                child = node[name] = {}
+            elif isinstance(child, Mapping) and not isinstance(child, dict):
+                child = node[name] = dict(child)
+            elif not isinstance(child, dict):
+                found.append(
+                    (path, f"is not a mapping in the config, cannot apply override {item!r}")
+                )
+                break
+            node, cls = child, hint
+
+
+def _convert(value: Any, hint: Any, path: str, found: _Found) -> Any:
+    """``value`` checked against the type ``hint`` (converted where YAML is loose), or _INVALID."""
+    origin = get_origin(hint)
+    if origin in (Union, UnionType):
+        if value is None and type(None) in get_args(hint):
+            return None
+        for arm in get_args(hint):
+            trial: _Found = []
+            result = _convert(value, arm, path, trial)
+            if not trial:
+                return result
+        return _reject(found, path, f"expected {_describe(hint)}", value)
+    if origin is list:
+        if not isinstance(value, list):
+            return _reject(found, path, "expected a list", value)
+        (item_hint,) = get_args(hint)
+        items = [_convert(v, item_hint, f"{path}[{i}]", found) for i, v in enumerate(value)]
+        return _INVALID if any(item is _INVALID for item in items) else items
+    if _is_section(hint):
+        return _convert_section(value, hint, path, found)
+    # bool is an int in Python but `batch_size: true` is never what the user meant.
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is float and not isinstance(value, bool) and isinstance(value, int | float | str):
+        # YAML 1.1 reads `1e-4` (no dot) as a string, so numeric strings are numbers here.
+        try:
+            number = float(value)
+        except (ValueError, OverflowError):
+            return _reject(found, path, "expected a number", value)
+        if not math.isfinite(number):
+            return _reject(found, path, "expected a finite number", value)
+        return number
+    if hint is str and isinstance(value, str):
+        return value
+    if hint in _TYPE_NAMES:
+        problem = f"expected {_describe(hint)}"
+        if hint is str and value is not None and not isinstance(value, list | dict):
+            # YAML reads `project: 2024` or `name: no` as a number or a boolean.
+            problem += " (quote the value)"
+        return _reject(found, path, problem, value)
+    raise TypeError(f"{path}: the schema uses an unsupported type {hint!r}")
+
+
+def _convert_section(value: Any, cls: type[Any], path: str, found: _Found) -> Any:
+    # A section whose keys are all commented out loads as null; treat it as empty, not an error.
+    if value is None:
+        value = {}
+    if not isinstance(value, Mapping):
+        return _reject(found, path, "expected a mapping of keys", value)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = _hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, item in value.items():
+        key_path = _join(path, str(key))
+        f = fields.get(key) if isinstance(key, str) else None
+        if f is None:
+            found.append((key_path, _unknown_key(str(key), list(fields))))
+            continue
+        converted = _convert(item, hints[f.name], key_path, found)
+        if converted is not _INVALID:
+            _check_metadata(converted, f.metadata, key_path, found)
+            kwargs[f.name] = converted
+    return cls(**kwargs)
+
+
+def _check_metadata(value: Any, meta: Mapping[str, Any], path: str, found: _Found) -> None:
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        found.append((path, f"must be one of: {', '.join(choices)}; got {_show(value)}"))
+    if "min" in meta and value < meta["min"]:
+        found.append((path, f"must be >= {_num(meta['min'])}, got {_show(value)}"))
+    if "max" in meta and value > meta["max"]:
+        found.append((path, f"must be <= {_num(meta['max'])}, got {_show(value)}"))
+    if "gt" in meta and value <= meta["gt"]:
+        found.append((path, f"must be > {_num(meta['gt'])}, got {_show(value)}"))
+
+
+def _cross_check(cfg: Config, found: _Found) -> None:
+    bad = [key for key, _ in found]
+
+    def valid(*paths: str) -> bool:
+        return not any(_overlaps(b, p) for b in bad for p in paths)
+
+    def add(key: str, problem: str) -> None:
+        found.append((key, problem))
+
+    model, stages = cfg.model, cfg.stages
+    if valid("model.name", "model.layers", "stages"):
+        blocks = block_count(model)
+        head = " (conv blocks + classifier head)" if model.name == "cnn" else ""
+        layers, n = _show(model.layers), _show(blocks)
+        what = f"the {model.name} model with model.layers={layers} has {n} blocks{head}"
+        # backprop trains the whole model in one place, so its stage count splits nothing.
+        if valid("method.name") and cfg.method.name != "backprop" and stages > blocks:
+            add("stages", f"{_show(stages)} stages need as many blocks, but {what}")
+        bounds = model.boundaries
+        if valid("model.boundaries") and bounds:
+            if len(bounds) != stages - 1:
+                add(
+                    "model.boundaries",
+                    f"needs {_show(stages - 1)} entries for {_show(stages)} stages "
+                    f"(or [] to split evenly), got {len(bounds)}",
+                )
+            for i, start in enumerate(bounds):
+                if not 1 <= start <= blocks - 1:
+                    add(
+                        f"model.boundaries[{i}]",
+                        f"must be between 1 and {blocks - 1} ({what}), got {_show(start)}",
+                    )
+            if any(a >= b for a, b in itertools.pairwise(bounds)):
+                add("model.boundaries", f"must be strictly increasing, got {_show(bounds)}")
+
+    gpus = cfg.runtime.gpus_per_stage
+    if valid("runtime.gpus_per_stage") and (gpus != "auto" if isinstance(gpus, str) else gpus < 0):
+        add("runtime.gpus_per_stage", f"must be 'auto' or a number >= 0, got {_show(gpus)}")
+
+    batch, micro = cfg.data.batch_size, cfg.method.micro_batches
+    if (
+        valid("method.name", "method.micro_batches", "data.batch_size")
+        and cfg.method.name == "pipeline"
+        and batch < micro
+    ):
+        add(
+            "data.batch_size",
+            f"must be >= method.micro_batches ({_show(micro)}) for pipeline, got {_show(batch)}",
+        )
+
+
+def _hints(cls: type[Any]) -> dict[str, Any]:
+    # The module uses postponed annotations, so field.type is only a string.
+    return get_type_hints(cls)
+
+
+def _is_section(hint: Any) -> bool:
+    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
+
+
+def _describe(hint: Any) -> str:
+    if get_origin(hint) in (Union, UnionType):
+        return " or ".join(_describe(arm) for arm in get_args(hint))
+    if get_origin(hint) is list:
+        return "a list"
+    if _is_section(hint):
+        return "a mapping of keys"
+    return _TYPE_NAMES.get(hint, repr(hint))
+
+
+def _reject(found: _Found, path: str, problem: str, value: Any) -> object:
+    found.append((path, f"{problem}, got {_show(value)}"))
+    return _INVALID
+
+
+def _unknown_key(key: str, allowed: list[str]) -> str:
+    if "." in key:
+        *sections, last = key.split(".")
+        nested = f"{last}: ..."
+        for section in reversed(sections):
+            nested = f"{section}: {{{nested}}}"
+        return f"unknown key; dotted keys are for overrides, in YAML nest it ({nested})"
+    close = difflib.get_close_matches(key, allowed, n=1)
+    if close:
+        return f"unknown key; did you mean '{close[0]}'?"
+    return f"unknown key; allowed keys: {', '.join(allowed)}"
+
+
+def _yaml_problem(err: Exception, where: str = "") -> str:
+    """One line for a YAML error; ``where`` (a file name) gets the ``:line:col`` of the mark."""
+    if isinstance(err, yaml.MarkedYAMLError):
+        mark = err.problem_mark or err.context_mark
+        problem = err.problem or err.context or "invalid YAML"
+        if err.context and err.problem:
+            problem = f"{problem} ({err.context})"
+        if where and mark is not None:
+            return f"{where}:{mark.line + 1}:{mark.column + 1}: {problem}"
+    else:
+        # ReaderError (control characters) has no mark; bad dates raise plain ValueError.
+        problem = " ".join(str(err).split())
+    return f"{where}: {problem}" if where else problem
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _overlaps(a: str, b: str) -> bool:
+    """Whether one key path is the other or lies inside it (``model`` and ``model.layers``)."""
+    short, long = sorted((a, b), key=len)
+    return long == short or long.startswith((short + ".", short + "["))
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    try:
+        return _repr.repr(value)
+    except ValueError:  # an int too long to print (Python refuses past 4300 digits)
+        return f"<{type(value).__name__}>"
+
+
+def _num(bound: float) -> str:
+    return f"{bound:g}" if isinstance(bound, float) else str(bound)

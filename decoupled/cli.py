@@ -1,0 +1,112 @@
+"""``decoupled train CONFIG [KEY=VALUE ...] [--out DIR]``.
+
+Exit codes: 0 success; 1 the run failed; 2 bad configuration, arguments or data files (one clear
+message, no traceback); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from decoupled.config import Config, ConfigError, load_config, save_config
+from decoupled.data import DataError, load_dataset
+from decoupled.metrics import write_summary
+from decoupled.stage import NonFiniteError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="decoupled", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train a model from a YAML experiment")
+    train.add_argument("config", type=Path, help="YAML experiment, e.g. configs/digits.yaml")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. optim.lr=1e-4")
+    train.add_argument("--out", type=Path, help="run folder (default: runs/<time>-<method>-k<K>)")
+    return parser
+
+
+def default_out_dir(cfg: Config) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{cfg.method.name}-k{cfg.stages}"
+
+
+def run_training(cfg: Config, out_dir: Path) -> dict[str, Any]:
+    """Train as configured, writing everything into ``out_dir``; returns the summary."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
+    dataset = load_dataset(cfg.data)
+    if cfg.runtime.backend == "local":
+        from decoupled.local import LocalTrainer
+
+        summary = LocalTrainer(cfg, dataset, out_dir).run()
+    else:
+        from decoupled.ray_runtime.controller import train_on_ray
+
+        summary = train_on_ray(cfg, dataset, out_dir)
+    write_summary(summary, out_dir)
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    def fmt(value: Any, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    lines = [
+        f"{summary['method']} on {summary['dataset']}, {summary['num_stages']} stage(s), "
+        f"{summary['steps']} steps in {summary['wall_s']:.1f}s "
+        f"({fmt(summary['samples_per_s'], '.0f')} samples/s)",
+        f"train loss {fmt(summary['train_loss'], '.4f')}, "
+        f"test accuracy {fmt(summary['test_accuracy'], '.4f')}",
+        f"{'stage':>5} {'samples/s':>10} {'busy':>6} {'wait s':>7} {'SG loss':>9} {'cosine':>7} "
+        f"{'stale':>6} {'dropped':>8}",
+    ]
+    for s in summary["stages"]:
+        dropped = (s.get("targets_dropped") or 0) + (s.get("targets_expired") or 0)
+        lines.append(
+            f"{s['index']:>5} {fmt(s.get('samples_per_s'), '.0f'):>10} "
+            f"{fmt(s.get('busy_fraction'), '.2f'):>6} {fmt(s.get('input_wait_s'), '.2f'):>7} "
+            f"{fmt(s.get('sg_loss'), '.2e'):>9} {fmt(s.get('sg_cosine'), '.3f'):>7} "
+            f"{fmt(s.get('staleness_mean'), '.1f'):>6} {dropped:>8}"
+        )
+    return "\n".join(lines)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"decoupled: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        return _fail(f"bad configuration\n{err}", EXIT_USAGE)
+    out_dir: Path = args.out or default_out_dir(cfg)
+    try:
+        summary = run_training(cfg, out_dir)
+    except DataError as err:
+        return _fail(f"data: {err}", EXIT_USAGE)
+    except ConfigError as err:
+        return _fail(f"bad configuration\n{err}", EXIT_USAGE)
+    except KeyboardInterrupt:
+        return _fail("interrupted", EXIT_INTERRUPTED)
+    except NonFiniteError as err:
+        return _fail(f"training stopped: {err}", EXIT_FAILED)
+    except Exception as err:
+        (out_dir / "error.log").write_text(traceback.format_exc())
+        return _fail(f"run failed: {err!r} (traceback in {out_dir / 'error.log'})", EXIT_FAILED)
+    print(format_summary(summary))
+    print(f"run folder: {out_dir}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

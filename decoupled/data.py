@@ -1,0 +1,297 @@
+"""Datasets as in-memory tensors, and a step-addressed training stream.
+
+Every supported dataset fits in memory, so a split is one standardised tensor and batching is
+indexing. ``TrainStream.batch(step)`` is a pure function of ``(seed, step)``: a resumed run needs
+only the step count to see exactly the data it would have seen without the interruption.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+import os
+import pickle
+import tarfile
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from decoupled.config import DataConfig
+
+
+class DataError(Exception):
+    """A dataset file is missing or malformed; the message names the file and how to get it."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    train_x: torch.Tensor  # (N, C, H, W) float32, standardised with the train split's statistics
+    train_y: torch.Tensor  # (N,) int64
+    test_x: torch.Tensor  # (M, C, H, W) float32
+    test_y: torch.Tensor  # (M,) int64
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of one sample."""
+        return tuple(self.train_x.shape[1:])
+
+
+IDX_FILES = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
+}
+IDX_MIRRORS = {
+    "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "fashion_mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+}
+TORCHVISION_DIRS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+CIFAR_DIR = "cifar-10-batches-py"
+CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR_FILES = (*CIFAR_TRAIN, "test_batch")
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+DOWNLOAD_TIMEOUT_S = 30.0
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """Load ``cfg.name`` from ``cfg.root`` (downloading first if asked and needed), standardised."""
+    if cfg.name == "digits":
+        splits = _load_digits()
+    elif cfg.name in IDX_MIRRORS:
+        splits = _load_idx_dataset(cfg.name, Path(cfg.root), cfg.download)
+    elif cfg.name == "cifar10":
+        splits = _load_cifar10(Path(cfg.root), cfg.download)
+    else:
+        raise DataError(
+            f"unknown dataset {cfg.name!r}; expected digits, mnist, fashion_mnist, cifar10"
+        )
+    train_x, train_y, test_x, test_y = splits
+    # Statistics of the train split only, so nothing about the test split leaks into training.
+    mean = train_x.mean(dim=(0, 2, 3), keepdim=True)
+    std = train_x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    # In place: the float tensors are fresh copies, and CIFAR-10 would otherwise peak at ~2.5 GB.
+    return Dataset(
+        name=cfg.name,
+        train_x=train_x.sub_(mean).div_(std),
+        train_y=train_y,
+        test_x=test_x.sub_(mean).div_(std),
+        test_y=test_y,
+        num_classes=10,
+    )
+
+
+Splits = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _images(a: np.ndarray) -> torch.Tensor:
+    """(N, H, W) or (N, C, H, W) uint8 -> (N, C, H, W) float32 in the file's own value range."""
+    t = torch.from_numpy(a.astype(np.float32))  # a copy: IDX arrays are read-only buffers
+    return t.unsqueeze(1) if t.dim() == 3 else t
+
+
+def _labels(a: np.ndarray | list[int], path: Path, n: int) -> torch.Tensor:
+    """Labels (n,) int64 in 0..9, or DataError naming ``path``."""
+    try:
+        y = np.array(a, dtype=np.int64)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{path}: labels are not integers ({e})") from e
+    if y.shape != (n,) or (n > 0 and not 0 <= y.min() <= y.max() <= 9):
+        raise DataError(f"{path}: expected {n} labels in 0..9, got shape {y.shape}")
+    return torch.from_numpy(y)
+
+
+def _load_digits() -> Splits:
+    with (
+        importlib.resources.as_file(
+            importlib.resources.files("decoupled") / "assets" / "digits.npz"
+        ) as path,
+        np.load(path) as z,
+    ):
+        train_n, test_n = len(z["train_labels"]), len(z["test_labels"])
+        return (
+            _images(z["train_images"]),
+            _labels(z["train_labels"], path, train_n),
+            _images(z["test_images"]),
+            _labels(z["test_labels"], path, test_n),
+        )
+
+
+def _missing(filename: str, searched: list[Path], name: str) -> DataError:
+    folders = ", ".join(str(d) for d in searched)
+    return DataError(
+        f"{name}: file {filename!r} not found (searched {folders}); put the standard file there, "
+        "or set data.download=true to fetch it when the network allows"
+    )
+
+
+def _idx_dirs(name: str, root: Path) -> list[Path]:
+    return [root, root / name, root / name / "raw", root / TORCHVISION_DIRS[name] / "raw"]
+
+
+def _find_idx(name: str, root: Path, base: str) -> Path | None:
+    for d in _idx_dirs(name, root):
+        for candidate in (d / base, d / f"{base}.gz"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _load_idx_dataset(name: str, root: Path, download: bool) -> Splits:
+    paths: dict[str, Path] = {}
+    for key, base in IDX_FILES.items():
+        found = _find_idx(name, root, base)
+        if found is None and download:
+            found = _download(IDX_MIRRORS[name] + base + ".gz", root / name / f"{base}.gz")
+        if found is None:
+            raise _missing(base + "[.gz]", _idx_dirs(name, root), name)
+        paths[key] = found
+    out: list[torch.Tensor] = []
+    for split in ("train", "test"):
+        x_path, y_path = paths[f"{split}_x"], paths[f"{split}_y"]
+        x, y = read_idx(x_path, ndim=3), read_idx(y_path, ndim=1)
+        if len(x) != len(y):
+            raise DataError(f"{x_path} has {len(x)} images but {y_path} has {len(y)} labels")
+        out += [_images(x), _labels(y, y_path, len(y))]
+    return out[0], out[1], out[2], out[3]
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """Parse an unsigned-byte IDX file (plain or .gz) with ``ndim`` dims, checking it fully."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; truncated gzip is EOFError
+        raise DataError(f"{path}: cannot read ({e})") from e
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header ({len(raw)} bytes)")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != 0x0800 | ndim:
+        raise DataError(
+            f"{path}: bad IDX magic 0x{magic:08x}, expected 0x{0x0800 | ndim:08x} "
+            f"(unsigned bytes, {ndim} dims)"
+        )
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    size = int(np.prod(dims))
+    if len(raw) - header != size:
+        raise DataError(f"{path}: dims {dims} need {size} bytes of data, found {len(raw) - header}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _load_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        with path.open("rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        data, labels = batch[b"data"], batch[b"labels"]
+    except Exception as e:  # unpickling garbage can raise almost anything
+        raise DataError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {e})") from e
+    ok = isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+    if not ok or data.shape[1] != 3 * 32 * 32:
+        raise DataError(f"{path}: b'data' must be an (N, 3072) uint8 array")
+    return _images(data.reshape(-1, 3, 32, 32)), _labels(labels, path, len(data))
+
+
+def _load_cifar10(root: Path, download: bool) -> Splits:
+    dirs = [root / CIFAR_DIR, root]
+
+    def complete() -> Path | None:
+        return next((d for d in dirs if all((d / f).is_file() for f in CIFAR_FILES)), None)
+
+    folder = complete()
+    if folder is None and download:
+        _download_cifar10(root)
+        folder = complete()
+    if folder is None:
+        # Name the first gap in whichever folder is closest to complete: that is the one meant.
+        best = max(dirs, key=lambda d: sum((d / f).is_file() for f in CIFAR_FILES))
+        raise _missing(next(f for f in CIFAR_FILES if not (best / f).is_file()), dirs, "cifar10")
+    train = [_load_cifar_batch(folder / f) for f in CIFAR_TRAIN]
+    test_x, test_y = _load_cifar_batch(folder / "test_batch")
+    return torch.cat([x for x, _ in train]), torch.cat([y for _, y in train]), test_x, test_y
+
+
+def _download(url: str, dest: Path) -> Path:
+    """Fetch ``url`` to ``dest`` atomically (a partial file never looks like a dataset)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as r, tmp.open("wb") as f:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+        os.replace(tmp, dest)
+    except OSError as e:  # urllib's URLError and HTTPError are OSErrors
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"download of {url} to {dest} failed ({e}); fetch it by hand") from e
+    return dest
+
+
+def _download_cifar10(root: Path) -> None:
+    archive = _download(CIFAR_URL, root / "cifar-10-python.tar.gz")
+    out = root / CIFAR_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            # Copy only the expected regular files by name: no member can write outside `out`.
+            for member in tar.getmembers():
+                parent, _, base = member.name.rpartition("/")
+                if member.isfile() and parent == CIFAR_DIR and base in CIFAR_FILES:
+                    src = tar.extractfile(member)
+                    assert src is not None
+                    (out / base).write_bytes(src.read())
+    except (OSError, tarfile.TarError, EOFError) as e:
+        raise DataError(
+            f"{archive}: cannot extract ({e}); the download may be corrupt, retry"
+        ) from e
+
+
+class TrainStream:
+    """Deterministic endless stream of training batches addressed by global step.
+
+    ``batch(step)`` depends only on ``(seed, step)``: each epoch ``step // steps_per_epoch`` is a
+    fresh permutation, and the last partial batch of an epoch is dropped so every batch is full.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> None:
+        if len(x) != len(y):
+            raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
+        if not 1 <= batch_size <= len(x):
+            raise ValueError(f"batch_size {batch_size} must be in 1..{len(x)} (the train set size)")
+        self.x, self.y, self.batch_size, self.seed = x, y, batch_size, seed
+        self.steps_per_epoch = len(x) // batch_size
+        self._epoch = -1
+        self._perm = torch.empty(0, dtype=torch.int64)
+
+    def _epoch_seed(self, epoch: int) -> int:
+        # Spread (seed, epoch) over 64 bits so neighbouring seeds do not share epoch orders.
+        return (self.seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9) % (1 << 63)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``step``: x (B, C, H, W), y (B,)."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self._epoch_seed(epoch))
+            self._perm = torch.randperm(len(self.x), generator=g)
+            self._epoch = epoch
+        idx = self._perm[index * self.batch_size : (index + 1) * self.batch_size]
+        return self.x[idx], self.y[idx]
+
+
+def eval_batches(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of x (B, ...) and y (B,) in order; the last one may be smaller."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for start in range(0, len(x), batch_size):
+        yield x[start : start + batch_size], y[start : start + batch_size]
+
+
+__all__ = ["DataError", "Dataset", "TrainStream", "eval_batches", "load_dataset", "read_idx"]

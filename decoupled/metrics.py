@@ -1,0 +1,142 @@
+"""What a run reports: metrics.jsonl records, the console progress bar, and summary.json.
+
+Records are flat dicts; per-stage figures are keyed ``stage{i}/{name}`` so that the same record
+goes to a JSON line, a plot or a W&B panel unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from tqdm import tqdm
+
+from decoupled.config import Config
+
+PER_STAGE_KEYS = (
+    "samples_per_s",
+    "busy_fraction",
+    "input_wait_s",
+    "channel_depth",
+    "sg_loss",
+    "sg_cosine",
+    "staleness_mean",
+    "staleness_p50",
+    "staleness_p90",
+    "staleness_max",
+    "targets_dropped",
+    "targets_expired",
+)
+
+
+def stage_record(index: int, figures: dict[str, Any]) -> dict[str, Any]:
+    """``{"stage{i}/key": value}`` for the per-stage figures that are set."""
+    return {f"stage{index}/{k}": figures[k] for k in PER_STAGE_KEYS if figures.get(k) is not None}
+
+
+def _jsonable(value: Any) -> Any:
+    # JSON has no NaN/inf; a diverged figure is written as null rather than breaking the file.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class RunLog:
+    """metrics.jsonl (flushed per record, so a crash keeps everything) and the progress bar."""
+
+    def __init__(self, out_dir: Path | None, total_steps: int, progress: bool) -> None:
+        self.out_dir = out_dir
+        self.start = time.perf_counter()
+        self._file = open(out_dir / "metrics.jsonl", "a") if out_dir is not None else None  # noqa: SIM115
+        self._bar: tqdm[Any] | None = None
+        if progress:
+            self._bar = tqdm(total=total_steps, unit="step", file=sys.stderr, dynamic_ncols=True)
+        self._postfix: dict[str, str] = {}
+
+    def wall_s(self) -> float:
+        return time.perf_counter() - self.start
+
+    def write(self, record: dict[str, Any]) -> None:
+        record = {"wall_s": round(self.wall_s(), 4), **record}
+        if self._file is not None:
+            self._file.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+            self._file.flush()
+        self._update_postfix(record)
+
+    def advance(self, steps: int, position: int | None = None) -> None:
+        if self._bar is not None:
+            if position is not None:
+                steps = position - self._bar.n
+            self._bar.update(steps)
+
+    def _update_postfix(self, record: dict[str, Any]) -> None:
+        if self._bar is None:
+            return
+        for key, label in (
+            ("train_loss", "loss"),
+            ("train_accuracy", "acc"),
+            ("test_accuracy", "test"),
+            ("samples_per_s", "samples/s"),
+        ):
+            value = record.get(key)
+            if isinstance(value, float):
+                self._postfix[label] = f"{value:.4g}" if label != "samples/s" else f"{value:.0f}"
+        self._bar.set_postfix(self._postfix, refresh=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(
+        self, exc: type[BaseException] | None, val: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def build_summary(
+    cfg: Config,
+    *,
+    num_stages: int,
+    steps: int,
+    wall_s: float,
+    samples: int,
+    train_loss: float | None,
+    test_accuracy: float | None,
+    stages: list[dict[str, Any]],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The summary.json contract of DESIGN.md, plus the run's identity."""
+    summary: dict[str, Any] = {
+        "method": cfg.method.name,
+        "stages": stages,
+        "num_stages": num_stages,
+        "dataset": cfg.data.name,
+        "backend": cfg.runtime.backend,
+        "steps": steps,
+        "samples": samples,
+        "wall_s": wall_s,
+        "samples_per_s": samples / wall_s if wall_s > 0 else None,
+        "train_loss": train_loss,
+        "test_accuracy": test_accuracy,
+        **(extra or {}),
+    }
+    return {k: _jsonable(v) for k, v in summary.items()}
+
+
+def write_summary(summary: dict[str, Any], out_dir: Path) -> None:
+    text = json.dumps(summary, indent=2, default=_jsonable)
+    tmp = out_dir / "summary.json.tmp"
+    tmp.write_text(text + "\n")
+    tmp.replace(out_dir / "summary.json")

@@ -1,0 +1,125 @@
+"""The paper's models as explicit lists of blocks, and their split into stages.
+
+A model is a list of blocks; stage k owns blocks[start_k:end_k]. Splitting is explicit (by block
+index from ``model.boundaries``, or as even as possible), never by tracing. Every process builds
+the whole model from the same seed and keeps its own slice, so a K-stage run starts from exactly
+the weights a one-stage backprop run starts from.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+
+from decoupled.config import ModelConfig
+
+
+def fcn_blocks(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> list[nn.Module]:
+    """The paper's FCN: (layers - 1) x [Linear(hidden), BN, ReLU], then Linear(num_classes)."""
+    width = 1
+    for d in input_shape:
+        width *= d
+    blocks: list[nn.Module] = []
+    for k in range(cfg.layers - 1):
+        layers: list[nn.Module] = [nn.Flatten()] if k == 0 else []
+        layers.append(nn.Linear(width, cfg.hidden))
+        if cfg.batch_norm:
+            layers.append(nn.BatchNorm1d(cfg.hidden))
+        layers.append(nn.ReLU())
+        blocks.append(nn.Sequential(*layers))
+        width = cfg.hidden
+    head: list[nn.Module] = [nn.Flatten()] if cfg.layers == 1 else []
+    blocks.append(nn.Sequential(*head, nn.Linear(width, num_classes)))
+    return blocks
+
+
+def cnn_blocks(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> list[nn.Module]:
+    """The paper's CIFAR CNN: layers x [Conv 5x5 (hidden), BN, ReLU], max-pooling after the first
+    two, then a linear classifier over the flattened feature map."""
+    channels = input_shape[0]
+    blocks: list[nn.Module] = []
+    for k in range(cfg.layers):
+        layers: list[nn.Module] = [nn.Conv2d(channels, cfg.hidden, 5, padding=2)]
+        if cfg.batch_norm:
+            layers.append(nn.BatchNorm2d(cfg.hidden))
+        layers.append(nn.ReLU())
+        if k < 2:
+            layers.append(nn.MaxPool2d(3, stride=2, padding=1))
+        blocks.append(nn.Sequential(*layers))
+        channels = cfg.hidden
+    with torch.no_grad():
+        features = nn.Sequential(*blocks)(torch.zeros(1, *input_shape)).numel()
+    blocks.append(nn.Sequential(nn.Flatten(), nn.Linear(features, num_classes)))
+    return blocks
+
+
+def build_blocks(
+    cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, seed: int
+) -> list[nn.Module]:
+    """All blocks of the model, initialised from ``seed`` alone (same weights in every process)."""
+    torch.manual_seed(seed)
+    if cfg.name == "fcn":
+        return fcn_blocks(cfg, input_shape, num_classes)
+    if cfg.name == "cnn":
+        return cnn_blocks(cfg, input_shape, num_classes)
+    raise ValueError(f"model.name: unknown model {cfg.name!r}")
+
+
+def stage_ranges(num_blocks: int, stages: int, boundaries: list[int]) -> list[tuple[int, int]]:
+    """[start, end) block indices of each stage. Empty ``boundaries``: as even as possible, with
+    the extra blocks going to the earlier stages."""
+    if not 1 <= stages <= num_blocks:
+        raise ValueError(f"cannot split {num_blocks} blocks into {stages} stages")
+    if not boundaries:
+        size, extra = divmod(num_blocks, stages)
+        boundaries = []
+        edge = 0
+        for k in range(stages - 1):
+            edge += size + (1 if k < extra else 0)
+            boundaries.append(edge)
+    if len(boundaries) != stages - 1:
+        raise ValueError(f"{stages} stages need {stages - 1} boundaries, got {boundaries}")
+    edges = [0, *boundaries, num_blocks]
+    ranges = list(itertools.pairwise(edges))
+    if any(start >= end for start, end in ranges):
+        raise ValueError(f"boundaries {boundaries} must increase within 1..{num_blocks - 1}")
+    return ranges
+
+
+def build_stage_modules(
+    cfg: ModelConfig, stages: int, input_shape: tuple[int, ...], num_classes: int, seed: int
+) -> list[nn.Sequential]:
+    """The model split into ``stages`` sequential modules, in order."""
+    blocks = build_blocks(cfg, input_shape, num_classes, seed)
+    return [
+        nn.Sequential(*blocks[start:end])
+        for start, end in stage_ranges(len(blocks), stages, cfg.boundaries)
+    ]
+
+
+def activation_shapes(
+    modules: list[nn.Sequential], input_shape: tuple[int, ...]
+) -> list[tuple[int, ...]]:
+    """Per-sample output shape of each stage, found by a dry run on a batch of two (BN needs >1).
+
+    A block that does not accept its predecessor's output fails here, at setup, naming the stage.
+    """
+    shapes: list[tuple[int, ...]] = []
+    x = torch.zeros(2, *input_shape)
+    with torch.no_grad():
+        for k, module in enumerate(modules):
+            was_training = module.training
+            module.eval()
+            try:
+                x = module(x)
+            except RuntimeError as err:
+                source = "the input" if k == 0 else f"the output of stage {k - 1}"
+                raise ValueError(
+                    f"stage {k} cannot take {source} (shape {tuple(x.shape[1:])}): {err}"
+                ) from err
+            finally:
+                module.train(was_training)
+            shapes.append(tuple(x.shape[1:]))
+    return shapes

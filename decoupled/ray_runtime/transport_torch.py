@@ -1,0 +1,616 @@
+"""The torch.distributed data plane: point-to-point channels between stage processes.
+
+One ``TorchSender`` and one ``TorchReceiver`` per directed edge and direction. Stage i holds a
+forward sender to i+1 and a backward receiver from i+1; stage i+1 holds the matching forward
+receiver and backward sender. Ray-free on purpose: the actors open the process group, but this
+module only needs ranks and an address, so plain processes can test it.
+
+Wire format, per message, all on one tag (see ``TAGS``), in this order:
+
+1. header: int64 tensor of shape ``(HEADER_LEN,)``, laid out by ``encode_header``;
+2. payload: the activations (forward) or target (backward) with exactly the header's dtype/shape;
+3. labels (forward only): the header's labels dtype/shape, normally (B,) int64.
+
+Tensors with no elements are not put on the wire at all (both ends know the shape from the
+header). End-of-stream is a header alone.
+
+Design points, measured with gloo 2.13 on 2 cores (see the tests):
+
+- gloo's point-to-point send completes only once the peer has posted the matching recv
+  (rendezvous, even for 16 bytes). Backpressure is therefore "the receiver does not post": a
+  forward receiver holds one credit per free slot of its ``LocalChannel`` and posts the next
+  header recv only with a credit in hand, so a producer gets at most ``capacity`` messages ahead.
+  Backward receivers always post, and their channel drops the oldest target instead.
+- gloo's ``Work.is_completed()`` stays False for send/recv until someone calls ``wait()``, and
+  ``get_future()`` is not implemented; ``wait(timeout)`` that expires closes *every* pair of the
+  context ("Application timeout caused pair closure"), and a plain ``wait()`` does the same once
+  the group timeout passes. So waits are always untimed, on groups opened with a timeout of
+  ``DATA_TIMEOUT`` (days), and a send that may be given up is waited for on a helper thread
+  while the caller waits on an event with its own deadline.
+- NCCL ignores tags and runs every op between two ranks of a group on one stream, so a recv
+  posted ahead (by a receiver thread) would hold back a send the other way between the same two
+  ranks. ``open_process_group`` therefore opens one group per direction: on every group, each pair
+  of ranks carries one direction only. gloo gets the same split (and the tags besides).
+"""
+
+from __future__ import annotations
+
+import enum
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Final, Literal
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup, Work
+
+from decoupled.channel import (
+    BackwardMessage,
+    ChannelClosed,
+    ForwardMessage,
+    Kind,
+    LocalChannel,
+    Message,
+    Policy,
+)
+
+Direction = Literal["forward", "backward"]
+DIRECTIONS: Final[tuple[Direction, ...]] = ("forward", "backward")
+
+# Distinct per direction so that, even on one shared group, the two directions between the same
+# two ranks can never match each other's recvs (gloo matches on source, destination and tag).
+TAGS: Final[dict[Direction, int]] = {"forward": 1, "backward": 2}
+
+# A receiver may legitimately sit idle for long (evaluation, checkpoints, a slow stage): the group
+# timeout must outlast any such pause, because an expired gloo wait breaks the whole group.
+DATA_TIMEOUT: Final = timedelta(days=7)
+
+HEADER_LEN: Final = 32
+MAX_NDIM: Final = 8
+MAGIC: Final = 0x444E4931  # "DNI1": catches a receiver reading payload bytes as a header
+
+# NCCL's wait() does not block the CPU, so completion is polled; this is the poll interval.
+_NCCL_POLL_S: Final = 50e-6
+
+# dtype codes on the wire; the position in this tuple is the code, so only ever append.
+WIRE_DTYPES: Final[tuple[torch.dtype, ...]] = (
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+)
+_DTYPE_CODES: Final[dict[torch.dtype, int]] = {dtype: code for code, dtype in enumerate(WIRE_DTYPES)}
+
+
+class WireType(enum.IntEnum):
+    FORWARD = 0
+    BACKWARD = 1
+    END = 2  # end-of-stream: no tensors follow, the receiver thread stops
+
+
+# Header slots (int64 each); slots from _H_RESERVED on are zero and left for later versions.
+_H_MAGIC = 0
+_H_TYPE = 1
+_H_KIND = 2
+_H_SEQ = 3
+_H_DTYPE = 4
+_H_NDIM = 5
+_H_SHAPE = 6  # MAX_NDIM slots
+_H_HAS_LABELS = _H_SHAPE + MAX_NDIM
+_H_LABELS_DTYPE = _H_HAS_LABELS + 1
+_H_LABELS_NDIM = _H_LABELS_DTYPE + 1
+_H_LABELS_SHAPE = _H_LABELS_NDIM + 1  # MAX_NDIM slots
+_H_RESERVED = _H_LABELS_SHAPE + MAX_NDIM
+assert _H_RESERVED <= HEADER_LEN
+
+
+class ProtocolError(RuntimeError):
+    """Bytes on an edge are not what its receiver expects (a mismatched peer or a stolen recv)."""
+
+
+@dataclass(frozen=True)
+class Header:
+    """A decoded header: what follows it on the wire."""
+
+    wire_type: WireType
+    kind: Kind  # Kind.TRAIN for backward messages and end-of-stream (unused there)
+    seq: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    labels: tuple[torch.dtype, tuple[int, ...]] | None
+
+
+def _put_tensor_spec(
+    fields: list[int], dtype_slot: int, ndim_slot: int, shape_slot: int, tensor: torch.Tensor
+) -> None:
+    if tensor.dtype not in _DTYPE_CODES:
+        raise TypeError(f"dtype {tensor.dtype} cannot travel; supported: {list(WIRE_DTYPES)}")
+    if tensor.dim() > MAX_NDIM:
+        raise ValueError(f"tensors of at most {MAX_NDIM} dims can travel, got {tensor.dim()}")
+    fields[dtype_slot] = _DTYPE_CODES[tensor.dtype]
+    fields[ndim_slot] = tensor.dim()
+    fields[shape_slot : shape_slot + tensor.dim()] = tensor.shape
+
+
+def _get_tensor_spec(
+    fields: list[int], dtype_slot: int, ndim_slot: int, shape_slot: int
+) -> tuple[torch.dtype, tuple[int, ...]]:
+    code, ndim = fields[dtype_slot], fields[ndim_slot]
+    if not 0 <= code < len(WIRE_DTYPES) or not 0 <= ndim <= MAX_NDIM:
+        raise ProtocolError(f"bad tensor spec in header: dtype code {code}, ndim {ndim}")
+    shape = tuple(fields[shape_slot : shape_slot + ndim])
+    if any(dim < 0 for dim in shape):
+        raise ProtocolError(f"negative dimension in header shape {shape}")
+    return WIRE_DTYPES[code], shape
+
+
+def encode_header(message: Message | None) -> list[int]:
+    """The ``HEADER_LEN`` int64 fields announcing ``message`` (None: end-of-stream)."""
+    fields = [0] * HEADER_LEN
+    fields[_H_MAGIC] = MAGIC
+    if message is None:
+        fields[_H_TYPE] = WireType.END
+        return fields
+    if not -(2**63) <= message.seq < 2**63:
+        raise ValueError(f"seq {message.seq} does not fit in int64")
+    fields[_H_SEQ] = message.seq
+    if isinstance(message, ForwardMessage):
+        fields[_H_TYPE] = WireType.FORWARD
+        fields[_H_KIND] = Kind(message.kind)
+        _put_tensor_spec(fields, _H_DTYPE, _H_NDIM, _H_SHAPE, message.activations)
+        fields[_H_HAS_LABELS] = 1
+        _put_tensor_spec(
+            fields, _H_LABELS_DTYPE, _H_LABELS_NDIM, _H_LABELS_SHAPE, message.labels
+        )
+    else:
+        fields[_H_TYPE] = WireType.BACKWARD
+        _put_tensor_spec(fields, _H_DTYPE, _H_NDIM, _H_SHAPE, message.target)
+    return fields
+
+
+def decode_header(fields: list[int]) -> Header:
+    """Inverse of ``encode_header``; ProtocolError on anything that is not a valid header."""
+    if len(fields) != HEADER_LEN or fields[_H_MAGIC] != MAGIC:
+        raise ProtocolError(f"not a message header (length {len(fields)}, magic {fields[:1]})")
+    try:
+        wire_type = WireType(fields[_H_TYPE])
+        kind = Kind(fields[_H_KIND])
+    except ValueError as error:
+        raise ProtocolError(f"bad header: {error}") from error
+    if wire_type is WireType.END:
+        return Header(wire_type, kind, 0, torch.float32, (), None)
+    dtype, shape = _get_tensor_spec(fields, _H_DTYPE, _H_NDIM, _H_SHAPE)
+    labels = None
+    if fields[_H_HAS_LABELS]:
+        labels = _get_tensor_spec(fields, _H_LABELS_DTYPE, _H_LABELS_NDIM, _H_LABELS_SHAPE)
+    if (wire_type is WireType.FORWARD) != (labels is not None):
+        raise ProtocolError("forward messages carry labels, backward messages do not")
+    return Header(wire_type, kind, fields[_H_SEQ], dtype, shape, labels)
+
+
+# --- process group -------------------------------------------------------------------------------
+
+_DATA_GROUPS: dict[Direction, ProcessGroup] = {}
+
+
+def free_port() -> int:
+    """A TCP port free on this host right now (another process may still take it before use)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
+def open_process_group(
+    rank: int, world_size: int, address: str, port: int, backend: str, timeout_s: float
+) -> None:
+    """Join the process group of all stages (every rank calls this with the same arguments).
+
+    ``address:port`` is the TCP rendezvous, hosted by rank 0. ``timeout_s`` bounds the
+    rendezvous and collectives on the default group; the per-direction data groups created here
+    use ``DATA_TIMEOUT`` instead, because their waits are untimed by design (see module doc).
+    ``backend``: "gloo" for CPU tensors, "nccl" for CUDA tensors (one GPU per rank; do not bind
+    a device_id: that would put all point-to-point traffic of a group on one NCCL stream).
+    """
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    if dist.is_initialized():
+        raise RuntimeError("a process group is already open in this process")
+    host = f"[{address}]" if ":" in address else address
+    dist.init_process_group(
+        backend=backend,
+        init_method=f"tcp://{host}:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    ranks = list(range(world_size))
+    for direction in DIRECTIONS:
+        group = dist.new_group(
+            ranks, timeout=DATA_TIMEOUT, backend=backend, group_desc=f"decoupled_{direction}"
+        )
+        if group is None:
+            raise RuntimeError(f"this rank is not in the {direction} group")
+        _DATA_GROUPS[direction] = group
+
+
+def close_process_group() -> None:
+    """Destroy the data groups and the default group, if open.
+
+    Close senders first (so peers see end-of-stream) and let every rank get there (a barrier
+    on the default group) so nobody tears down sockets under a message still in flight.
+    """
+    _DATA_GROUPS.clear()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def direction_group(direction: Direction) -> ProcessGroup:
+    """The data group ``open_process_group`` made for ``direction``."""
+    try:
+        return _DATA_GROUPS[direction]
+    except KeyError:
+        raise RuntimeError(
+            "no data group: call open_process_group first, or pass a group explicitly"
+        ) from None
+
+
+def _resolve(group: ProcessGroup | None, direction: Direction, device: torch.device) -> ProcessGroup:
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    resolved = group if group is not None else direction_group(direction)
+    backend = str(dist.get_backend(resolved))
+    wanted = "nccl" if device.type == "cuda" else "gloo"
+    if backend != wanted:
+        raise ValueError(f"{device.type} tensors travel over {wanted}, the group is {backend}")
+    return resolved
+
+
+def _isend(tensor: torch.Tensor, peer: int, group: ProcessGroup, tag: int) -> Work:
+    work = dist.isend(tensor, dst=peer, group=group, tag=tag)
+    if work is None:
+        raise RuntimeError(f"this rank is not in the group it sends to rank {peer} on")
+    return work
+
+
+def _irecv(tensor: torch.Tensor, peer: int, group: ProcessGroup, tag: int) -> Work:
+    work = dist.irecv(tensor, src=peer, group=group, tag=tag)
+    if work is None:
+        raise RuntimeError(f"this rank is not in the group it receives from rank {peer} on")
+    return work
+
+
+def _wait_all(works: list[Work], device: torch.device) -> None:
+    """Block the calling thread until every op in ``works`` finished (untimed, see module doc)."""
+    if device.type == "cuda":
+        # NCCL's wait() only orders the current stream after the op: poll the op's own event so
+        # the thread really waits for the peer (that wait is the backpressure).
+        while not all(work.is_completed() for work in works):
+            time.sleep(_NCCL_POLL_S)
+    for work in works:
+        work.wait()
+
+
+# --- sender --------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Pending:
+    """A message whose sends are posted; ``tensors`` stay referenced until they completed."""
+
+    message: Message | None  # None: end-of-stream
+    works: list[Work]
+    tensors: list[torch.Tensor]
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    handed_off: bool = False
+
+    def complete(self, device: torch.device) -> None:
+        try:
+            _wait_all(self.works, device)
+        except BaseException as error:  # surfaced by the sender, on the caller's thread
+            self.error = error
+        finally:
+            self.done.set()
+
+
+class _Waiter:
+    """One helper thread that waits on posted sends, so a caller can give up on its deadline."""
+
+    def __init__(self, name: str, device: torch.device) -> None:
+        self._device = device
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, pending: _Pending) -> None:
+        pending.handed_off = True
+        self._queue.put(pending)
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        if self._device.type == "cuda":
+            torch.cuda.set_device(self._device)
+        while (pending := self._queue.get()) is not None:
+            pending.complete(self._device)
+
+
+class TorchSender:
+    """Sends one direction of one edge to rank ``peer``. Implements ``channel.Sender``.
+
+    Forward senders take ``ForwardMessage`` (activations (B, ...) any wire dtype, labels (B,)
+    int64), backward senders ``BackwardMessage`` (target (B, ...)). Tensors are moved to
+    ``device`` and made contiguous if needed; otherwise they are sent from their own memory, so
+    do not modify them in place until ``send`` returned. One sender per edge and direction;
+    ``send`` may be called from any thread (calls are serialised).
+    """
+
+    def __init__(
+        self,
+        peer: int,
+        direction: Direction,
+        device: torch.device,
+        group: ProcessGroup | None = None,
+    ) -> None:
+        self.peer = peer
+        self.direction: Direction = direction
+        self.device = torch.device(device)
+        self._group = _resolve(group, direction, self.device)
+        self._tag = TAGS[direction]
+        self._message_type = ForwardMessage if direction == "forward" else BackwardMessage
+        self._lock = threading.Lock()
+        self._pending: _Pending | None = None
+        self._waiter: _Waiter | None = None
+        self._closed = False
+        self._end_sent = False
+        self.sent = 0  # messages delivered (their recv completed on the peer)
+
+    def send(self, message: Message, timeout: float | None = None) -> None:
+        """Deliver ``message``; block while the peer does not receive (forward backpressure).
+
+        TimeoutError after ``timeout`` seconds means "not delivered *yet*": the transport keeps
+        the message and delivers it before any later one, since a posted send cannot be taken
+        back. Retry by passing the *same* message object again (it is then awaited, not sent a
+        second time); passing another message first finishes the pending one. ChannelClosed:
+        the sender is closed, or the peer is gone (the cause is chained).
+        """
+        if not isinstance(message, self._message_type):
+            raise TypeError(
+                f"a {self.direction} sender takes {self._message_type.__name__}, "
+                f"got {type(message).__name__}"
+            )
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._lock.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
+            raise TimeoutError(f"another send to rank {self.peer} held the sender for {timeout}s")
+        try:
+            if self._closed:
+                raise ChannelClosed(f"send on a closed {self.direction} sender to rank {self.peer}")
+            if self._pending is not None:
+                previous = self._pending
+                self._await(previous, deadline)
+                if previous.message is message:
+                    return
+            self._await(self._post(message), deadline)
+        finally:
+            self._lock.release()
+
+    def close(self, timeout: float | None = 10.0) -> bool:
+        """Finish a pending message, then send end-of-stream; True if the peer received it.
+
+        The peer's receiver thread then stops and its ``recv`` raises ChannelClosed once drained.
+        False when that could not happen within ``timeout`` (a full forward channel on the peer,
+        or the peer is gone); the sender is closed either way.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._lock.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
+            return False
+        try:
+            if not self._closed:
+                self._closed = True
+                try:
+                    if self._pending is not None:
+                        self._await(self._pending, deadline)
+                    self._await(self._post(None), deadline)
+                    self._end_sent = True
+                except (TimeoutError, ChannelClosed):
+                    pass
+                if self._waiter is not None:
+                    self._waiter.stop()
+            return self._end_sent
+        finally:
+            self._lock.release()
+
+    def _post(self, message: Message | None) -> _Pending:
+        fields = encode_header(message)  # validates dtypes/shapes before anything is posted
+        tensors = [torch.tensor(fields, dtype=torch.int64, device=self.device)]
+        if isinstance(message, ForwardMessage):
+            tensors += [message.activations, message.labels]
+        elif isinstance(message, BackwardMessage):
+            tensors.append(message.target)
+        tensors = [t.detach().to(self.device).contiguous() for t in tensors]
+        works = [_isend(t, self.peer, self._group, self._tag) for t in tensors if t.numel() > 0]
+        return _Pending(message, works, tensors)
+
+    def _await(self, pending: _Pending, deadline: float | None) -> None:
+        """Wait for ``pending`` to be delivered; TimeoutError leaves it pending on this sender."""
+        self._pending = pending
+        if deadline is None and not pending.handed_off:
+            pending.complete(self.device)  # no deadline: wait right here, no thread hop
+        else:
+            if not pending.handed_off:
+                if self._waiter is None:
+                    name = f"send-{self.direction}-to-{self.peer}"
+                    self._waiter = _Waiter(name, self.device)
+                self._waiter.submit(pending)
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            if not pending.done.wait(remaining):
+                raise TimeoutError(
+                    f"rank {self.peer} did not receive {self.direction} message "
+                    f"seq={getattr(pending.message, 'seq', 'end-of-stream')} in time "
+                    "(it stays queued in the sender)"
+                )
+        self._pending = None
+        if pending.error is not None:
+            self._closed = True
+            raise ChannelClosed(
+                f"{self.direction} send to rank {self.peer} failed: {pending.error}"
+            ) from pending.error
+        if pending.message is not None:
+            self.sent += 1
+
+
+# --- receiver ------------------------------------------------------------------------------------
+
+# Edges with a live receiver thread. A thread that was closed without end-of-stream may still
+# have a header recv posted; a second receiver on that edge would race it for messages.
+_RECEIVING: dict[tuple[int, int, int], threading.Thread] = {}
+_RECEIVING_LOCK = threading.Lock()
+
+
+class TorchReceiver:
+    """Receives one direction of one edge from rank ``peer``. Implements ``channel.Receiver``.
+
+    A daemon thread posts recvs and drains messages into a ``LocalChannel(capacity, policy)``;
+    tensors arrive on ``device``. Policy.BLOCK (forward): the thread posts a recv only while the
+    channel has room, so the peer's ``send`` blocks when ``capacity`` messages wait here.
+    Policy.DROP_OLDEST (backward): the thread always receives and the channel drops its oldest
+    message when full, counted in ``dropped``; the peer never blocks for long.
+    On end-of-stream the thread stops; ``recv`` drains what is left, then raises ChannelClosed.
+    """
+
+    def __init__(
+        self,
+        peer: int,
+        direction: Direction,
+        capacity: int,
+        policy: Policy,
+        device: torch.device,
+        group: ProcessGroup | None = None,
+    ) -> None:
+        self.peer = peer
+        self.direction: Direction = direction
+        self.device = torch.device(device)
+        self._group = _resolve(group, direction, self.device)
+        self._tag = TAGS[direction]
+        self._channel = LocalChannel(capacity, policy)
+        self._credits = threading.Semaphore(capacity) if policy is Policy.BLOCK else None
+        self._stopping = threading.Event()
+        self._error: BaseException | None = None
+        self._ended = False
+        self._key = (id(self._group), peer, self._tag)
+        self._thread = threading.Thread(
+            target=self._run, name=f"recv-{direction}-from-{peer}", daemon=True
+        )
+        with _RECEIVING_LOCK:
+            other = _RECEIVING.get(self._key)
+            if other is not None and other.is_alive():
+                raise RuntimeError(
+                    f"{direction} edge from rank {peer} already has a receiver thread (an earlier "
+                    "receiver closed before end-of-stream still waits on it); reopen the group"
+                )
+            _RECEIVING[self._key] = self._thread
+        self._thread.start()
+
+    def recv(self, timeout: float | None = None) -> Message | None:
+        """Next message in order, or None when nothing arrived within ``timeout`` seconds."""
+        try:
+            message = self._channel.recv(timeout)
+        except ChannelClosed:
+            if self._error is not None:
+                raise ChannelClosed(
+                    f"{self.direction} receiver from rank {self.peer} failed: {self._error!r}"
+                ) from self._error
+            raise
+        if message is not None and self._credits is not None:
+            self._credits.release()
+        return message
+
+    def depth(self) -> int:
+        return self._channel.depth()
+
+    @property
+    def dropped(self) -> int:
+        """Messages evicted by Policy.DROP_OLDEST (always 0 with Policy.BLOCK)."""
+        return self._channel.dropped
+
+    @property
+    def ended(self) -> bool:
+        """True once end-of-stream arrived (the thread has stopped)."""
+        return self._ended
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the thread stopped, when it was not end-of-stream or ``close``."""
+        return self._error
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Stop delivering; messages not yet received are lost. Waits ``timeout`` for the thread.
+
+        After end-of-stream this is instant. Without it the thread may sit in a posted recv until
+        the peer sends or its process goes away; nothing can cancel a posted gloo recv.
+        """
+        self._stopping.set()
+        self._channel.close()
+        if self._credits is not None:
+            self._credits.release()  # wakes a thread waiting for room, which then sees stopping
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            header = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
+            while True:
+                if self._credits is not None:
+                    self._credits.acquire()
+                if self._stopping.is_set():
+                    return
+                message = self._receive_one(header)
+                if message is None:
+                    self._ended = True
+                    return
+                if self._stopping.is_set():
+                    return
+                self._channel.send(message)  # never waits: a credit or drop-oldest made room
+        except BaseException as error:
+            if not self._stopping.is_set():
+                self._error = error
+        finally:
+            self._channel.close()
+            with _RECEIVING_LOCK:
+                if _RECEIVING.get(self._key) is self._thread:
+                    del _RECEIVING[self._key]
+
+    def _receive_one(self, header: torch.Tensor) -> Message | None:
+        """One message off the wire (None: end-of-stream); header is a reused (HEADER_LEN,) buffer."""
+        _wait_all([_irecv(header, self.peer, self._group, self._tag)], self.device)
+        decoded = decode_header([int(v) for v in header.tolist()])
+        if decoded.wire_type is WireType.END:
+            return None
+        expected = WireType.FORWARD if self.direction == "forward" else WireType.BACKWARD
+        if decoded.wire_type is not expected:
+            raise ProtocolError(
+                f"{self.direction} receiver got a {decoded.wire_type.name} message from rank "
+                f"{self.peer}"
+            )
+        payload = torch.empty(decoded.shape, dtype=decoded.dtype, device=self.device)
+        tensors = [payload]
+        if decoded.labels is not None:
+            labels_dtype, labels_shape = decoded.labels
+            tensors.append(torch.empty(labels_shape, dtype=labels_dtype, device=self.device))
+        works = [_irecv(t, self.peer, self._group, self._tag) for t in tensors if t.numel() > 0]
+        _wait_all(works, self.device)
+        if decoded.wire_type is WireType.FORWARD:
+            return ForwardMessage(decoded.seq, decoded.kind, payload, tensors[1])
+        return BackwardMessage(decoded.seq, payload)

@@ -1,0 +1,160 @@
+"""Stage step logic: the update-unlock, the targets, and equivalence with backprop."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from decoupled.build import build_stage, build_stages
+from decoupled.data import Dataset, TrainStream
+from decoupled.local import LocalTrainer
+from decoupled.stage import NonFiniteError, Stage
+from decoupled.synthesizer import Synthesizer
+from tests.conftest import small_config
+
+
+class OracleSynthesizer(Synthesizer):
+    """A 'perfect' synthesizer: returns the true gradient the test computed for this step."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__(shape, None)
+        self.gradient: torch.Tensor | None = None
+
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        assert self.gradient is not None and self.gradient.shape == h.shape
+        return self.gradient
+
+
+def _true_output_gradients(
+    stages: list[Stage], x: torch.Tensor, y: torch.Tensor
+) -> list[torch.Tensor]:
+    """∂L/∂h_i for every non-last stage, on copies (so batch-norm statistics are not touched)."""
+    modules = [copy.deepcopy(s.module) for s in stages]
+    outputs = []
+    h = x
+    for module in modules:
+        h = module(h)
+        outputs.append(h)
+    return list(torch.autograd.grad(F.cross_entropy(h, y), outputs[:-1]))
+
+
+def _params(stages: list[Stage]) -> list[torch.Tensor]:
+    return [p.detach().clone() for s in stages for p in s.module.parameters()]
+
+
+@pytest.mark.parametrize("optim", ["adam", "sgd"])
+def test_perfect_sg_with_zero_delay_equals_backprop(digits: Dataset, optim: str) -> None:
+    cfg = small_config(["method.name=dni", "stages=3", f"optim.name={optim}", "optim.lr=0.01"])
+    stages = build_stages(cfg, digits.input_shape, digits.num_classes)
+    reference = build_stages(
+        small_config(["method.name=backprop", f"optim.name={optim}", "optim.lr=0.01"]),
+        digits.input_shape,
+        10,
+    )
+    assert len(reference) == 1
+    oracles = []
+    for stage in stages[:-1]:
+        assert stage.synthesizer is not None
+        oracle = OracleSynthesizer(stage.synthesizer.activation_shape)
+        stage.synthesizer = oracle
+        oracles.append(oracle)
+    stream = TrainStream(digits.train_x, digits.train_y, 64, seed=0)
+    before = _params(stages)
+    assert all(torch.equal(a, b) for a, b in zip(before, _params(reference), strict=True))
+    for seq in range(8):
+        x, y = stream.batch(seq)
+        for oracle, grad in zip(oracles, _true_output_gradients(stages, x, y), strict=True):
+            oracle.gradient = grad
+        h = x
+        for stage in stages:
+            result = stage.train_step(seq, h, y)
+            h = result.activations if result.activations is not None else h
+        reference[0].train_step(seq, x, y)
+    after, expected = _params(stages), _params(reference)
+    assert not all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    for a, b in zip(after, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bootstrapped_target_is_the_input_gradient_of_the_sg(digits: Dataset) -> None:
+    """g_{i-1} = (∂h_i/∂h_{i-1})ᵀ δ̂_i: checked against autograd on a copy of the stage."""
+    cfg = small_config(["method.name=dni", "stages=3"])
+    stage = build_stage(cfg, 1, digits.input_shape, 10)
+    assert stage.synthesizer is not None
+    torch.nn.init.normal_(stage.synthesizer.output_layer.weight)  # a non-zero SG
+    x = torch.randn(16, 32)
+    y = torch.randint(0, 10, (16,))
+    module = copy.deepcopy(stage.module)
+    xr = x.clone().requires_grad_(True)
+    hr = module(xr)
+    with torch.no_grad():
+        grad = stage.synthesizer(hr.detach(), y)
+    (expected,) = torch.autograd.grad(hr, xr, grad)
+    result = stage.train_step(0, x, y)
+    assert result.target is not None
+    torch.testing.assert_close(result.target, expected)
+
+
+def test_zero_initialised_sg_leaves_weights_unchanged_on_first_step(digits: Dataset) -> None:
+    cfg = small_config(["method.name=cdni", "stages=2"])
+    stage = build_stage(cfg, 0, digits.input_shape, 10)
+    x, y = digits.train_x[:32], digits.train_y[:32]
+    before = _params([stage])
+    result = stage.train_step(0, x, y)
+    assert result.target is None  # the first stage has nobody to send a target to
+    assert all(torch.equal(a, b) for a, b in zip(before, _params([stage]), strict=True))
+    # ...whereas an SG that predicts something does move them (the check above can fail).
+    assert stage.synthesizer is not None
+    torch.nn.init.constant_(stage.synthesizer.output_layer.weight, 1e-3)
+    stage.train_step(1, x, y)
+    assert not all(torch.equal(a, b) for a, b in zip(before, _params([stage]), strict=True))
+
+
+@pytest.mark.parametrize("delay", [0, 3])
+def test_target_staleness_equals_the_configured_delay(digits: Dataset, delay: int) -> None:
+    cfg = small_config(["method.name=dni", "stages=3", f"method.delay={delay}", "train.steps=12"])
+    trainer = LocalTrainer(cfg, digits)
+    summary = trainer.run()
+    for figures in summary["stages"][:-1]:
+        assert figures["staleness_mean"] == delay
+        assert figures["staleness_max"] == delay
+        assert figures["sg_updates"] == 12 - delay  # the last `delay` targets are still in flight
+        assert figures["sg_cosine"] is not None
+
+
+def test_history_bound_expires_late_targets(digits: Dataset) -> None:
+    cfg = small_config(
+        ["method.name=dni", "stages=2", "method.delay=5", "method.sg.history=2", "train.steps=10"]
+    )
+    summary = LocalTrainer(cfg, digits).run()
+    first = summary["stages"][0]
+    assert first["sg_updates"] == 0  # every target came back after its activation was evicted
+    assert first["targets_expired"] == 5
+
+
+@pytest.mark.parametrize(("micro", "batch_norm"), [(1, True), (4, False)])
+def test_pipeline_equals_backprop(digits: Dataset, micro: int, batch_norm: bool) -> None:
+    """GPipe's micro-batched true gradients are backprop's (BN aside: it sees smaller batches)."""
+    common = [f"model.batch_norm={str(batch_norm).lower()}", "train.steps=6", "optim.lr=0.01"]
+    pipe = LocalTrainer(
+        small_config(
+            ["method.name=pipeline", "stages=3", f"method.micro_batches={micro}", *common]
+        ),
+        digits,
+    )
+    ref = LocalTrainer(small_config(["method.name=backprop", *common]), digits)
+    pipe.run()
+    ref.run()
+    for a, b in zip(_params(pipe.stages), _params(ref.stages), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_activation_stops_with_a_clear_error(digits: Dataset) -> None:
+    stage = build_stage(small_config(["method.name=dni", "stages=2"]), 0, digits.input_shape, 10)
+    x = digits.train_x[:8].clone()
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="stage 0: non-finite activation at step 7"):
+        stage.train_step(7, x, digits.train_y[:8])
