@@ -31,6 +31,7 @@ PER_STAGE_KEYS = (
     "staleness_max",
     "targets_dropped",
     "targets_expired",
+    "rss_mb",
 )
 
 

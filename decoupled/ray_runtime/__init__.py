@@ -1,1 +1,1 @@
-"""Ray runtime: stage actors, the controller and the two data planes (Ray calls, torch.distributed)."""
+"""Ray runtime: stage actors, the controller and the data planes (Ray calls, torch.distributed)."""

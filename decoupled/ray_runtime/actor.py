@@ -1,0 +1,180 @@
+"""The stage actor: a thin Ray shell around the core ``Stage`` and ``StageRunner``.
+
+It builds its stage from the config, opens its edges (Ray calls or torch.distributed), runs the
+runner on a compute thread of its own, and answers control calls (poll, stop, figures) from
+Ray's other threads while it trains. All training logic lives in the core.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import ray
+import torch
+
+from decoupled.build import build_stage
+from decoupled.channel import Policy, Receiver, Sender
+from decoupled.config import parse_config
+from decoupled.data import TrainStream, load_dataset
+from decoupled.ray_runtime.transport_ray import OrderedInbox, RaySender
+from decoupled.runner import RunnerSettings, StageRunner
+from decoupled.schedule import Schedule
+
+
+class StageActor:
+    """One stage of the network on one worker (wrapped by ``ray.remote`` in the controller)."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        index: int,
+        num_stages: int,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        torch_threads: int,
+    ) -> None:
+        self.cfg = parse_config(config)
+        self.index = index
+        self.num_stages = num_stages
+        torch.set_num_threads(torch_threads)
+        # Ray has set CUDA_VISIBLE_DEVICES to this actor's GPU share by now, so cuda:0 is ours.
+        self.device = torch.device("cuda:0" if ray.get_gpu_ids() else "cpu")
+        self.stage = build_stage(self.cfg, index, input_shape, num_classes, self.device)
+        capacity = self.cfg.runtime.channel_capacity
+        # Pipeline flushes wait for all micro-batch gradients: none of them may be dropped.
+        back_capacity = max(capacity, self.cfg.method.micro_batches)
+        self.inbox_forward = OrderedInbox(capacity, Policy.BLOCK)
+        self.inbox_backward = OrderedInbox(back_capacity, Policy.DROP_OLDEST)
+        self.senders: list[Any] = []
+        self.receivers: list[Any] = []
+        self.runner: StageRunner | None = None
+        self._edges: dict[str, Any] = {}
+
+    # -- set-up --------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "node_ip": ray.util.get_node_ip_address(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": str(self.device),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+        }
+
+    def free_port(self) -> int:
+        from decoupled.ray_runtime.transport_torch import free_port
+
+        return free_port()
+
+    def connect_torch(self, address: str, port: int, backend: str, timeout_s: float) -> None:
+        """Join the process group (all stages call this at once) and open the four edges."""
+        from decoupled.ray_runtime.transport_torch import (
+            TorchReceiver,
+            TorchSender,
+            open_process_group,
+        )
+
+        open_process_group(self.index, self.num_stages, address, port, backend, timeout_s)
+        wire = self.device if backend == "nccl" else torch.device("cpu")
+        capacity = self.cfg.runtime.channel_capacity
+        back_capacity = max(capacity, self.cfg.method.micro_batches)
+        i = self.index
+        if i > 0:
+            self._edges["forward_in"] = TorchReceiver(
+                i - 1, "forward", capacity, Policy.BLOCK, wire
+            )
+            self._edges["backward_out"] = TorchSender(i - 1, "backward", wire)
+        if i < self.num_stages - 1:
+            self._edges["forward_out"] = TorchSender(i + 1, "forward", wire)
+            self._edges["backward_in"] = TorchReceiver(
+                i + 1, "backward", back_capacity, Policy.DROP_OLDEST, wire
+            )
+
+    def connect_ray(self, previous: Any | None, following: Any | None) -> None:
+        capacity = self.cfg.runtime.channel_capacity
+        if previous is not None:
+            self._edges["forward_in"] = self.inbox_forward.channel
+            self._edges["backward_out"] = RaySender(previous, "deliver_backward", capacity)
+        if following is not None:
+            self._edges["forward_out"] = RaySender(following, "deliver_forward", capacity)
+            self._edges["backward_in"] = self.inbox_backward.channel
+
+    def deliver_forward(self, number: int, message: Any) -> None:
+        self.inbox_forward.deliver(number, message, self.cfg.runtime.timeout_s)
+
+    def deliver_backward(self, number: int, message: Any) -> None:
+        self.inbox_backward.deliver(number, message, self.cfg.runtime.timeout_s)
+
+    def start(self, steps_per_epoch: int, num_test_samples: int) -> None:
+        cfg = self.cfg
+        stream = test = None
+        if self.index == 0:
+            dataset = load_dataset(cfg.data)
+            stream = TrainStream(dataset.train_x, dataset.train_y, cfg.data.batch_size, cfg.seed)
+            test = (dataset.test_x, dataset.test_y, cfg.data.eval_batch_size)
+        settings = RunnerSettings(
+            method=cfg.method.name,
+            schedule=Schedule.from_config(cfg.train, steps_per_epoch),
+            micro_batches=cfg.method.micro_batches,
+            lockstep=cfg.runtime.lockstep,
+            send_timeout_s=cfg.runtime.timeout_s,
+        )
+        backward_in: Receiver | None = self._edges.get("backward_in")
+        self.runner = StageRunner(
+            self.stage,
+            settings,
+            forward_in=self._edges.get("forward_in"),
+            forward_out=self._edges.get("forward_out"),
+            backward_in=backward_in,
+            backward_out=self._edges.get("backward_out"),
+            stream=stream,
+            test=test,
+            num_test_samples=num_test_samples,
+            dropped_targets=lambda: _dropped(backward_in),
+        )
+        self.runner.start()
+
+    # -- control ------------------------------------------------------------------------------
+    def poll(self) -> dict[str, Any]:
+        assert self.runner is not None
+        return self.runner.poll()
+
+    def stop(self) -> None:
+        if self.runner is not None:
+            self.runner.stop()
+
+    def finish(self, timeout_s: float) -> dict[str, Any]:
+        """Wait for the loop to end (bounded), close the edges, return the run's figures."""
+        assert self.runner is not None
+        self.runner.join(timeout_s)
+        for name in ("forward_out", "backward_out"):
+            sender: Sender | None = self._edges.get(name)
+            close = getattr(sender, "close", None)
+            if close is not None:
+                close()
+        figures = self.runner.final_figures()
+        figures.update(self.describe())
+        figures["error"] = self.runner.error
+        return figures
+
+    def shutdown(self) -> None:
+        for edge in self._edges.values():
+            close = getattr(edge, "close", None)
+            if close is not None and not isinstance(edge, RaySender):
+                close()
+        from decoupled.ray_runtime.transport_torch import close_process_group
+
+        close_process_group()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stage.state_dict()
+
+
+def _dropped(receiver: Any) -> int:
+    if receiver is None:
+        return 0
+    dropped = getattr(receiver, "dropped", 0)
+    return int(dropped() if callable(dropped) else dropped)

@@ -1,0 +1,361 @@
+"""A stage's compute loop over channels: what runs on a stage actor's compute thread.
+
+It owns no transport and no Ray: it reads forward messages (or, at stage 0, the data stream),
+runs the ``Stage``, sends activations on and targets back, and applies targets as they arrive.
+The same loop runs over in-process channels in the tests and over Ray or torch.distributed
+channels in the actors.
+
+Message order per stage is the schedule: every stage sees TRAIN step s, then (at an evaluation
+point) the test set as EVAL batches, then TRAIN step s + 1. So an evaluation after step s runs on
+exactly the parameters each stage had after step s, however asynchronous the run.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from decoupled.channel import (
+    BackwardMessage,
+    ChannelClosed,
+    ForwardMessage,
+    Kind,
+    Message,
+    Receiver,
+    Sender,
+)
+from decoupled.data import TrainStream, eval_batches
+from decoupled.schedule import Schedule
+from decoupled.stage import Stage
+
+POLL_S = 0.05
+_PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20 if hasattr(os, "sysconf") else 0.0
+
+
+def resident_mb() -> float | None:
+    """This process's resident memory now (Linux), for the flat-memory checks."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * _PAGE_MB
+    except OSError:
+        return None
+
+
+# how long a blocked receive waits before re-checking the stop flag
+
+
+@dataclass
+class RunnerSettings:
+    method: str  # dni | cdni | pipeline | backprop
+    schedule: Schedule
+    micro_batches: int = 1
+    # Wait for the target of step s before step s + 1: one batch in flight, deterministic.
+    lockstep: bool = False
+    send_timeout_s: float = 600.0
+
+
+@dataclass
+class EvalTally:
+    step: int
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "test_loss": self.loss_sum / self.seen,
+            "test_accuracy": self.correct / self.seen,
+        }
+
+
+@dataclass
+class RunnerFigures:
+    """What the loop measures around the stage: waiting, queue depths, targets dropped."""
+
+    input_wait_s: float = 0.0
+    target_wait_s: float = 0.0
+    depth_sum: int = 0
+    depth_samples: int = 0
+    evals: list[dict[str, Any]] = field(default_factory=list)
+
+
+class StageRunner:
+    """Runs one stage to the end of the schedule. ``run()`` blocks; ``start()`` runs it on a
+    thread. Data sources: ``stream`` and ``test`` at stage 0, ``forward_in`` elsewhere."""
+
+    def __init__(
+        self,
+        stage: Stage,
+        settings: RunnerSettings,
+        *,
+        forward_in: Receiver | None = None,
+        forward_out: Sender | None = None,
+        backward_in: Receiver | None = None,
+        backward_out: Sender | None = None,
+        stream: TrainStream | None = None,
+        test: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+        num_test_samples: int = 0,
+        start_step: int = 0,
+        dropped_targets: Callable[[], int] = lambda: 0,
+    ) -> None:
+        self.stage = stage
+        self.settings = settings
+        self.forward_in, self.forward_out = forward_in, forward_out
+        self.backward_in, self.backward_out = backward_in, backward_out
+        self.stream, self.test = stream, test
+        self.num_test_samples = num_test_samples  # the last stage knows a round is complete
+        self.step = start_step  # next training step to run
+        self.dropped_targets = dropped_targets
+        self.figures = RunnerFigures()
+        self.error: str | None = None
+        self.done = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._eval: EvalTally | None = None
+        self.started_at = time.perf_counter()
+
+    # -- control (called from other threads) -------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self.run, name=f"stage{self.stage.index}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float) -> bool:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.done.is_set()
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> None:
+        self.started_at = time.perf_counter()
+        try:
+            if self.settings.method == "pipeline":
+                self._run_pipeline()
+            else:
+                self._run_unlocked()
+        except ChannelClosed:
+            if not self._stop.is_set():
+                self.error = f"stage {self.stage.index}: a channel closed before the end"
+        except Exception:
+            self.error = traceback.format_exc()
+        finally:
+            self.done.set()
+
+    def _run_unlocked(self) -> None:
+        """DNI/cDNI (and single-stage backprop): update at once, apply targets as they come."""
+        stage, total = self.stage, self.settings.schedule.total_steps
+        while not self._stop.is_set():
+            self._apply_targets(wait_for=None)
+            message = self._next_input()
+            if message is None:
+                continue
+            if message.kind is Kind.STOP:
+                self._send_forward(message)
+                return
+            if message.kind is Kind.EVAL:
+                self._evaluate(message)
+                continue
+            result = stage.train_step(message.seq, message.activations, message.labels)
+            if result.activations is not None:
+                self._send_forward(
+                    ForwardMessage(message.seq, Kind.TRAIN, result.activations, message.labels)
+                )
+            if result.target is not None and self.backward_out is not None:
+                self.backward_out.send(BackwardMessage(message.seq, result.target))
+            self.step = message.seq + 1
+            if self.settings.lockstep and self.backward_in is not None:
+                self._apply_targets(wait_for=message.seq)
+            if stage.is_first:
+                self._after_step(message.seq, total)
+
+    def _run_pipeline(self) -> None:
+        """GPipe with a flush: all micro-batches forward, all backward, then one update."""
+        stage, m = self.stage, self.settings.micro_batches
+        while not self._stop.is_set():
+            messages = self._pipeline_inputs(m)
+            if messages is None:
+                return
+            for micro, message in enumerate(messages):
+                result = stage.forward_hold(micro, message.activations, message.labels, m)
+                if result.activations is not None:
+                    self._send_forward(
+                        ForwardMessage(micro, Kind.TRAIN, result.activations, message.labels)
+                    )
+                if result.target is not None and self.backward_out is not None:
+                    self.backward_out.send(BackwardMessage(micro, result.target))
+            if not stage.is_last:
+                for _ in range(m):
+                    target = self._recv_target()
+                    grad = stage.backward_held(target.seq, target.target)
+                    if grad is not None and self.backward_out is not None:
+                        self.backward_out.send(BackwardMessage(target.seq, grad))
+            stage.apply_update()
+            self.step = messages[0].seq + 1 if stage.is_first else self.step + 1
+            if stage.is_first:
+                self._after_step(self.step - 1, self.settings.schedule.total_steps)
+
+    def _pipeline_inputs(self, m: int) -> list[ForwardMessage] | None:
+        """The m micro-batches of the next batch, handling EVAL and STOP messages before them."""
+        if self.stage.is_first:
+            message = self._next_input()
+            if message is None or message.kind is Kind.STOP:
+                if message is not None:
+                    self._send_forward(message)
+                return None
+            xs, ys = message.activations.chunk(m), message.labels.chunk(m)
+            return [
+                ForwardMessage(self.step, Kind.TRAIN, x, y) for x, y in zip(xs, ys, strict=True)
+            ]
+        messages: list[ForwardMessage] = []
+        while len(messages) < m:
+            message = self._next_input()
+            if message is None:
+                if self._stop.is_set():
+                    return None
+                continue
+            if message.kind is Kind.STOP:
+                self._send_forward(message)
+                return None
+            if message.kind is Kind.EVAL:
+                self._evaluate(message)
+                continue
+            messages.append(message)
+        return messages
+
+    # -- pieces ------------------------------------------------------------------------------
+    def _next_input(self) -> ForwardMessage | None:
+        """Stage 0 reads the stream; the others wait (briefly, to re-check stop) for a message."""
+        if self.stage.is_first:
+            if self.step >= self.settings.schedule.total_steps:
+                return ForwardMessage(self.step, Kind.STOP, torch.empty(0), torch.empty(0))
+            assert self.stream is not None
+            x, y = self.stream.batch(self.step)
+            return ForwardMessage(self.step, Kind.TRAIN, x, y)
+        assert self.forward_in is not None
+        self._sample_depth()
+        start = time.perf_counter()
+        message = self.forward_in.recv(timeout=POLL_S)
+        self.figures.input_wait_s += time.perf_counter() - start
+        assert message is None or isinstance(message, ForwardMessage)
+        return message
+
+    def _send_forward(self, message: ForwardMessage) -> None:
+        if self.forward_out is not None:
+            self.forward_out.send(message, timeout=self.settings.send_timeout_s)
+
+    def _recv_target(self) -> BackwardMessage:
+        assert self.backward_in is not None
+        start = time.perf_counter()
+        try:
+            while not self._stop.is_set():
+                message = self.backward_in.recv(timeout=POLL_S)
+                if message is not None:
+                    assert isinstance(message, BackwardMessage)
+                    return message
+            raise ChannelClosed("stopped while waiting for a target")
+        finally:
+            self.figures.target_wait_s += time.perf_counter() - start
+
+    def _apply_targets(self, wait_for: int | None) -> None:
+        """Train the synthesizer on every target that has arrived; with ``wait_for``, block
+        until the target of that step has been applied (lockstep)."""
+        if self.backward_in is None or self.stage.synthesizer is None:
+            return
+        while True:
+            if wait_for is not None:
+                message: Message | None = self._recv_target()
+            else:
+                message = self.backward_in.recv(timeout=0)
+            if message is None:
+                return
+            assert isinstance(message, BackwardMessage)
+            self.stage.train_synthesizer(message.seq, message.target)
+            if wait_for is not None and message.seq >= wait_for:
+                return
+
+    def _after_step(self, seq: int, total: int) -> None:
+        """Stage 0: at an evaluation point, the test set follows the training batch."""
+        if not self.settings.schedule.evaluate_after(seq) or self.test is None:
+            return
+        x, y, batch_size = self.test
+        for x_b, y_b in eval_batches(x, y, batch_size):
+            self._evaluate(ForwardMessage(seq + 1, Kind.EVAL, x_b, y_b))
+
+    def _evaluate(self, message: ForwardMessage) -> None:
+        out = self.stage.evaluate(message.activations)
+        if not self.stage.is_last:
+            self._send_forward(ForwardMessage(message.seq, Kind.EVAL, out, message.labels))
+            return
+        if self._eval is None or self._eval.step != message.seq:
+            self._eval = EvalTally(message.seq)
+        labels = message.labels.to(out.device)
+        tally = self._eval
+        tally.loss_sum += float(F.cross_entropy(out, labels, reduction="sum"))
+        tally.correct += int((out.argmax(1) == labels).sum())
+        tally.seen += labels.shape[0]
+        if self._eval_complete(tally):
+            self.figures.evals.append(tally.result())
+            self._eval = None
+
+    def _eval_complete(self, tally: EvalTally) -> bool:
+        return self.num_test_samples > 0 and tally.seen >= self.num_test_samples
+
+    def _sample_depth(self) -> None:
+        if self.forward_in is not None:
+            self.figures.depth_sum += self.forward_in.depth()
+            self.figures.depth_samples += 1
+
+    # -- figures -----------------------------------------------------------------------------
+    def poll(self) -> dict[str, Any]:
+        """Figures since the last poll, and evaluation results finished since then.
+
+        Called from the control thread while the loop runs: it only reads counters and swaps
+        lists, so a stale-by-one value is possible and harmless."""
+        stats = self.stage.stats.snapshot()
+        evals, self.figures.evals = self.figures.evals, []
+        return {
+            "index": self.stage.index,
+            "step": self.step,
+            "done": self.done.is_set(),
+            "error": self.error,
+            "evals": evals,
+            **stats,
+            **self._runner_figures(),
+        }
+
+    def final_figures(self) -> dict[str, Any]:
+        stats = self.stage.stats
+        wall = max(time.perf_counter() - self.started_at, 1e-9)
+        return {
+            "index": self.stage.index,
+            "steps": stats.steps,
+            "samples_per_s": stats.samples / wall,
+            "busy_fraction": stats.compute_s / wall,
+            **stats.run_figures(),
+            **self._runner_figures(),
+            "device": str(self.stage.device),
+        }
+
+    def _runner_figures(self) -> dict[str, Any]:
+        f = self.figures
+        return {
+            "rss_mb": resident_mb(),
+            "history": len(self.stage.history),
+            "input_wait_s": f.input_wait_s,
+            "target_wait_s": f.target_wait_s,
+            "channel_depth": f.depth_sum / f.depth_samples if f.depth_samples else 0.0,
+            "targets_dropped": self.dropped_targets(),
+        }

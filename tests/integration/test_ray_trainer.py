@@ -1,0 +1,117 @@
+"""The distributed trainer on a real local Ray cluster: accuracy, equivalence, bounds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from decoupled.data import Dataset
+from decoupled.local import LocalTrainer
+from decoupled.ray_runtime.controller import RayJob, train_on_ray
+from tests.conftest import digits_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_cluster")]
+
+_local_accuracy: dict[tuple[int, str], float] = {}
+
+
+def _local(digits: Dataset, stages: int, method: str, common: list[str]) -> float:
+    key = (stages, method)
+    if key not in _local_accuracy:
+        cfg = digits_config(*common, "runtime.backend=local")
+        _local_accuracy[key] = LocalTrainer(cfg, digits).run()["test_accuracy"]
+    return _local_accuracy[key]
+
+
+@pytest.mark.parametrize("transport", ["torch", "ray"])
+@pytest.mark.parametrize("method", ["dni", "cdni"])
+@pytest.mark.parametrize("stages", [2, 3])
+def test_actors_reach_the_in_process_accuracy(
+    digits: Dataset, tmp_path: Path, stages: int, method: str, transport: str
+) -> None:
+    common = [f"method.name={method}", f"stages={stages}", "train.epochs=10"]
+    cfg = digits_config(*common, f"runtime.transport={transport}")
+    summary = train_on_ray(cfg, digits, tmp_path)
+    expected = _local(digits, stages, method, common)
+    assert summary["test_accuracy"] >= expected - 0.03, (summary["test_accuracy"], expected)
+    assert summary["transport"] == ("ray" if transport == "ray" else "torch-gloo")
+    assert [s["index"] for s in summary["stages"]] == list(range(stages))
+    for figures in summary["stages"]:
+        assert figures["steps"] == summary["steps"]
+        assert 0 < figures["busy_fraction"] <= 1
+        assert figures["device"] == "cpu"
+    for figures in summary["stages"][:-1]:
+        assert figures["sg_updates"] > 0 and figures["staleness_mean"] is not None
+    evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["event"] == "eval" for r in evals) == 10
+
+
+def _states(job: RayJob) -> list[dict[str, Any]]:
+    try:
+        job.run(None)
+        return job.state_dicts()
+    finally:
+        job.teardown()
+
+
+@pytest.mark.parametrize("transport", ["torch", "ray"])
+def test_lockstep_actors_reproduce_the_in_process_trainer(digits: Dataset, transport: str) -> None:
+    common = ["method.name=cdni", "stages=3", "train.steps=20", "model.hidden=64"]
+    cfg = digits_config(*common, "runtime.lockstep=true", f"runtime.transport={transport}")
+    states = _states(RayJob(cfg, digits))
+    local = LocalTrainer(digits_config(*common, "runtime.backend=local"), digits)
+    # The actors run one torch thread each (runtime.cpus_per_stage=1). Another thread count
+    # reorders float reductions, and Adam turns that noise on the near-zero early synthetic
+    # gradients into lr-sized steps: equal thread counts are part of "the same computation".
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local.run()
+    finally:
+        torch.set_num_threads(threads)
+    for state, stage in zip(states, local.stages, strict=True):
+        expected = stage.state_dict()
+        for part in ("module", "synthesizer"):
+            if part not in expected:
+                continue
+            for name, value in expected[part].items():
+                actual = state[part][name]
+                assert torch.allclose(actual, value, rtol=1e-5, atol=1e-6), f"{part}.{name}"
+
+
+@pytest.mark.parametrize("transport", ["torch", "ray"])
+def test_slow_stage_with_channels_of_one_stays_bounded(
+    digits: Dataset, tmp_path: Path, transport: str
+) -> None:
+    """Stage 1 holds four 512-wide blocks, stages 0 and 2 one small block each: stage 0 is
+    throttled by backpressure, nothing deadlocks, and no actor's memory grows."""
+    cfg = digits_config(
+        "method.name=cdni",
+        "stages=3",
+        "model.layers=6",
+        "model.hidden=512",
+        "model.boundaries=[1,5]",
+        "runtime.channel_capacity=1",
+        "method.sg.history=8",
+        "train.steps=400",
+        "train.log_every=20",
+        f"runtime.transport={transport}",
+    )
+    summary = train_on_ray(cfg, digits, tmp_path)
+    assert summary["steps"] == 400
+    first, slow, last = summary["stages"]
+    assert slow["busy_fraction"] > first["busy_fraction"]
+    assert last["input_wait_s"] > slow["input_wait_s"]  # the stage after the slow one waits
+    for figures in summary["stages"]:
+        assert figures["channel_depth"] <= 1.0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["event"] == "train" and "stage0/rss_mb" in r]
+    assert len(train) >= 6
+    for i in range(3):
+        early = train[len(train) // 3][f"stage{i}/rss_mb"]
+        late = train[-1][f"stage{i}/rss_mb"]
+        assert late - early < 25, f"stage {i} grew from {early:.0f} MB to {late:.0f} MB"
