@@ -43,7 +43,8 @@ def init_ray(cfg: Config) -> bool:
         return True
     # Logical CPUs: enough for every stage even on a small box (each actor sets its threads).
     cpus = max(os.cpu_count() or 1, math.ceil(num_stages(cfg) * cfg.runtime.cpus_per_stage))
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+    # address="local": start our own, even where another cluster is registered on this host.
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
     return True
 
 
@@ -234,6 +235,10 @@ class RayJob:
             ray.wait(stops, num_returns=len(stops), timeout=5)
             shutdowns = [actor.shutdown.remote() for actor in self.actors]
             ray.wait(shutdowns, num_returns=len(shutdowns), timeout=10)
+            # A graceful exit first (a kill makes Ray print the actor's SystemExit), then a kill
+            # for any actor that is stuck.
+            exits = [actor.__ray_terminate__.remote() for actor in self.actors]
+            ray.wait(exits, num_returns=len(exits), timeout=5)
             for actor in self.actors:
                 ray.kill(actor)
             self.actors = []

@@ -11,7 +11,9 @@ import ray
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[None]:
+    # address="local": always a new cluster, never one another process left registered.
     ray.init(
+        address="local",
         num_cpus=4,
         num_gpus=0,
         include_dashboard=False,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import socket
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -92,6 +93,7 @@ def run_ranks(
         proc.start()
     collected: dict[int, Result] = {}
     deadline = time.monotonic() + timeout_s
+    finished = False
     try:
         while len(collected) < world_size:
             if time.monotonic() > deadline:
@@ -101,7 +103,7 @@ def run_ranks(
                 rank, status, value = results.get(timeout=0.2)
             except queue.Empty:
                 for rank, proc in enumerate(procs):
-                    if rank not in collected and proc.exitcode == crashes.get(rank):
+                    if rank in crashes and rank not in collected and proc.exitcode == crashes[rank]:
                         collected[rank] = {"exitcode": proc.exitcode}
                 crashed = [
                     rank
@@ -114,9 +116,11 @@ def run_ranks(
             if status != "ok":
                 pytest.fail(f"rank {rank} failed:\n{value}")
             collected[rank] = value
+        finished = True
     finally:
         for proc in procs:
-            proc.join(timeout=10)
+            if finished:  # after a failure the others may sit in a barrier: no point waiting
+                proc.join(timeout=10)
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=5)
@@ -131,7 +135,7 @@ def _wait_until(predicate: Callable[[], bool], what: str) -> None:
 
 
 def _tensor(seq: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Deterministic (shape) tensor for ``seq``: each rank can rebuild what the other sent."""
+    """A ``shape`` tensor determined by ``seq``: each rank can rebuild what the other sent."""
     generator = torch.Generator().manual_seed(1000 + seq)
     return torch.randn(shape, generator=generator).to(dtype)
 
@@ -200,7 +204,8 @@ def test_header_round_trip_and_rejects() -> None:
 
 def test_free_port_is_bindable() -> None:
     port = tt.free_port()
-    assert 0 < port < 65536
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", port))
 
 
 # --- two processes ----------------------------------------------------------------------------
@@ -288,6 +293,16 @@ def _drop_oldest_rank(rank: int, capacity: int, count: int) -> Result:
             sender.send(BackwardMessage(seq, _tensor(seq, shape)), timeout=WAIT_S)
         return {"closed": sender.close(timeout=WAIT_S)}
 
+    # A receiver closed without end-of-stream: its thread stays in a recv nothing can cancel,
+    # so the edge refuses a second receiver that would race it for messages.
+    stray = tt.TorchReceiver(1, "forward", 1, Policy.BLOCK, CPU)  # rank 1 never sends this way
+    _wait_until(lambda: stray._on_wire, "the stray receiver to post its recv")
+    stray.close()
+    with pytest.raises(ChannelClosed):
+        stray.recv(timeout=0.0)
+    with pytest.raises(RuntimeError, match="already has a receiver"):
+        tt.TorchReceiver(1, "forward", 1, Policy.BLOCK, CPU)
+
     receiver = tt.TorchReceiver(1, "backward", capacity, Policy.DROP_OLDEST, CPU)
     _wait_until(lambda: receiver.ended, "end-of-stream")  # not consuming while targets arrive
     depth, dropped = receiver.depth(), receiver.dropped
@@ -310,50 +325,46 @@ def test_backward_drop_oldest_keeps_the_newest_targets_and_counts_the_rest() -> 
     }
 
 
-def _backpressure_rank(rank: int, blocked: Event) -> Result:
+def _backpressure_rank(rank: int, capacity: int, blocked: Event) -> Result:
     shape, count = (4, 6), 6
     if rank == 0:
-        sender = tt.TorchSender(1, "forward", CPU)  # max_in_flight=1
+        sender = tt.TorchSender(1, "forward", CPU, max_in_flight=1)
         batches = [_forward(seq, shape) for seq in range(count)]
-        first_blocked = -1
-        for message in batches:
+        ahead = capacity + sender.max_in_flight  # the receiver's slots, then one on the wire
+        for message in batches[:ahead]:  # generous timeout: the peer may still be starting up
+            sender.send(message, timeout=WAIT_S)
+        timeouts = 0
+        for _ in range(2):  # still full: a retry does not get through either
             try:
-                sender.send(message, timeout=0.5)
+                sender.send(batches[ahead], timeout=0.3)
             except TimeoutError:
-                first_blocked = message.seq
-                break
-        assert first_blocked >= 0, "the producer was never held back"
+                timeouts += 1
         in_flight = sender.in_flight
-        with pytest.raises(TimeoutError):  # still full: retrying does not get through either
-            sender.send(batches[first_blocked], timeout=0.2)
         blocked.set()
-        for message in batches[first_blocked:]:  # a timed-out message was not sent: resend it
+        for message in batches[ahead:]:  # a timed-out message was not sent: send it again
             sender.send(message, timeout=WAIT_S)
         sender.send(_forward(count, shape, Kind.STOP), timeout=WAIT_S)
-        return {
-            "first_blocked": first_blocked,
-            "in_flight": in_flight,
-            "closed": sender.close(timeout=WAIT_S),
-        }
+        return {"timeouts": timeouts, "in_flight": in_flight, "closed": sender.close(WAIT_S)}
 
-    receiver = tt.TorchReceiver(0, "forward", 1, Policy.BLOCK, CPU)
+    receiver = tt.TorchReceiver(0, "forward", capacity, Policy.BLOCK, CPU)
     assert blocked.wait(WAIT_S), "producer never reported being blocked"
     depth = receiver.depth()
     messages = _drain(receiver)
-    for message in messages:
-        assert isinstance(message, ForwardMessage)
-        assert torch.equal(message.activations, _tensor(message.seq, shape))
+    for received in messages:
+        assert isinstance(received, ForwardMessage)
+        assert torch.equal(received.activations, _tensor(received.seq, shape))
     kinds = [int(m.kind) for m in messages if isinstance(m, ForwardMessage)]
     return {"depth": depth, "seqs": [m.seq for m in messages], "kinds": kinds}
 
 
 @pytest.mark.timeout(90)
 def test_forward_backpressure_bounds_the_producer_and_loses_nothing() -> None:
+    capacity = 1
     blocked = mp.get_context("spawn").Event()
-    producer, consumer = run_ranks(_backpressure_rank, 2, blocked)
-    # Capacity 1 on the receiver plus the one message the sender may keep in flight.
-    assert producer == {"first_blocked": 2, "in_flight": 1, "closed": True}
-    assert consumer["depth"] == 1
+    producer, consumer = run_ranks(_backpressure_rank, 2, capacity, blocked)
+    # Once ``capacity`` messages wait in the receiver and one is on the wire, sends time out.
+    assert producer == {"timeouts": 2, "in_flight": 1, "closed": True}
+    assert consumer["depth"] == capacity
     assert consumer["seqs"] == list(range(7))  # in order, none lost, none twice
     assert consumer["kinds"] == [int(Kind.TRAIN)] * 6 + [int(Kind.STOP)]
 
@@ -532,8 +543,8 @@ def _nccl_rank(rank: int, count: int) -> Result:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs one GPU per rank")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.timeout(180)
 def test_nccl_both_directions_on_cuda() -> None:
     count = 20

@@ -1,0 +1,245 @@
+"""Training throughput (samples/s) through the real trainer: backprop, pipeline, DNI, cDNI.
+
+Every case runs ``decoupled.ray_runtime.controller.train_on_ray`` (one Ray instance for the whole
+benchmark, started here) on an 8x1024 FCN with batch 256 on the embedded digits, one torch thread
+per actor, evaluation only once at the end. A single-process reference runs ``LocalTrainer`` in
+this process with one thread. The headline figure is the *steady-state* rate, read from the run's
+``metrics.jsonl`` between the first record at or past 20% of the steps and the last record before
+the end (so actor start-up, pipeline fill and the final evaluation are excluded). Repeats are
+interleaved (every case once, then again) so that load drift hits every case alike.
+
+    .venv/bin/python bench/throughput.py                      # K=2, 200 steps, 3 repeats
+    .venv/bin/python bench/throughput.py --stages 2 4 --steps 300 --json runs/bench/tp.json
+
+K stages on K workers need K free cores: on a 2-core machine only K=2 measures scaling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from decoupled.config import Config, parse_config
+from decoupled.data import Dataset, load_dataset
+from decoupled.local import LocalTrainer
+from decoupled.ray_runtime.controller import train_on_ray
+
+STEADY_FROM = 0.2  # fraction of the run skipped before the steady-state window opens
+
+
+@dataclass(frozen=True)
+class Case:
+    method: str
+    stages: int
+    transport: str  # "torch", "ray", or "local" (in this process)
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} K={self.stages} {self.transport}"
+
+
+def make_config(case: Case, args: argparse.Namespace) -> Config:
+    overrides = [
+        f"method.name={case.method}",
+        f"stages={case.stages}",
+        "data.name=digits",
+        f"data.batch_size={args.batch}",
+        "model.name=fcn",
+        f"model.layers={args.layers}",
+        f"model.hidden={args.hidden}",
+        f"method.micro_batches={args.micro_batches}",
+        f"train.steps={args.steps}",
+        f"train.eval_every={args.steps}",
+        "train.progress=false",
+        "runtime.cpus_per_stage=1",
+        f"runtime.backend={'local' if case.transport == 'local' else 'ray'}",
+        f"runtime.transport={'ray' if case.transport == 'local' else case.transport}",
+        *args.set,
+    ]
+    return parse_config({}, overrides, source="bench")
+
+
+def steady_rate(metrics: Path, total_steps: int, batch: int) -> float:
+    """Samples/s from the first record at >= STEADY_FROM of the run to the last before the end."""
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    train = [r for r in records if r.get("event") == "train" and 0 < r["step"] < total_steps]
+    start = next((r for r in train if r["step"] >= STEADY_FROM * total_steps), None)
+    if start is None or train[-1]["step"] <= start["step"]:
+        raise RuntimeError(f"too few progress records in {metrics}: raise --steps")
+    end = train[-1]
+    return float((end["step"] - start["step"]) * batch / (end["wall_s"] - start["wall_s"]))
+
+
+def run_case(case: Case, cfg: Config, dataset: Dataset) -> dict[str, Any]:
+    """Train once; the steady rate, the end-to-end rate and the per-stage figures."""
+    load1 = os.getloadavg()[0]  # other work on the machine skews every figure: keep the record
+    with tempfile.TemporaryDirectory(prefix="bench-tp-") as tmp:
+        out = Path(tmp)
+        started = time.perf_counter()
+        if case.transport == "local":
+            summary = LocalTrainer(cfg, dataset, out).run()
+        else:
+            summary = train_on_ray(cfg, dataset, out)
+        total_s = time.perf_counter() - started
+        steady = steady_rate(out / "metrics.jsonl", cfg.train.steps or 0, cfg.data.batch_size)
+    stages = []
+    for s in summary["stages"]:
+        steps = max(int(s.get("steps") or 0), 1)
+        rate = s.get("samples_per_s") or 0.0
+        loop_s = steps * cfg.data.batch_size / rate if rate else 0.0  # the stage loop's wall time
+        stages.append(
+            {
+                "index": s["index"],
+                "samples_per_s": rate,
+                "busy_fraction": s.get("busy_fraction"),
+                "compute_ms_per_step": 1e3 * (s.get("busy_fraction") or 0.0) * loop_s / steps,
+                "sg_ms_per_step": 1e3 * (s.get("sg_compute_s") or 0.0) / steps,
+                "input_wait_fraction": (s.get("input_wait_s") or 0.0) / loop_s if loop_s else 0.0,
+            }
+        )
+    return {
+        "steady_samples_per_s": steady,
+        "summary_samples_per_s": summary["samples_per_s"],
+        "setup_s": total_s - summary["wall_s"],  # placement, actor start, connect, teardown
+        "load1_at_start": load1,
+        "test_accuracy": summary.get("test_accuracy"),
+        "stages": stages,
+    }
+
+
+def cases_for(stages: list[int]) -> list[Case]:
+    cases = [Case("backprop", 1, "local"), Case("backprop", 1, "ray")]
+    for k in stages:
+        for method in ("pipeline", "dni", "cdni"):
+            cases += [Case(method, k, "torch"), Case(method, k, "ray")]
+    return cases
+
+
+def aggregate(case: Case, runs: list[dict[str, Any]], base: float) -> dict[str, Any]:
+    steady = [r["steady_samples_per_s"] for r in runs]
+    median = statistics.median(steady)
+    typical = min(runs, key=lambda r: abs(r["steady_samples_per_s"] - median))
+    return {
+        "case": case.label,
+        "method": case.method,
+        "stages": case.stages,
+        "transport": case.transport,
+        "steady_median": median,
+        "steady_min": min(steady),
+        "steady_max": max(steady),
+        "ratio_to_backprop": median / base,
+        "target": 0.85 * case.stages if case.method in ("dni", "cdni") else None,
+        "summary_median": statistics.median(r["summary_samples_per_s"] for r in runs),
+        "typical_run": typical,
+        "runs": runs,
+    }
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| case | steady samples/s (median) | min - max | x backprop | target | end-to-end |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        target = f"{r['target']:.2f}" if r["target"] is not None else "-"
+        lines.append(
+            f"| {r['case']} | {r['steady_median']:.0f} | {r['steady_min']:.0f} - "
+            f"{r['steady_max']:.0f} | {r['ratio_to_backprop']:.2f} | {target} | "
+            f"{r['summary_median']:.0f} |"
+        )
+    lines += [
+        "",
+        "| case | stage | busy | compute ms/step | SG ms/step | input wait | stage samples/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        for s in r["typical_run"]["stages"]:
+            lines.append(
+                f"| {r['case']} | {s['index']} | {s['busy_fraction']:.2f} | "
+                f"{s['compute_ms_per_step']:.1f} | {s['sg_ms_per_step']:.1f} | "
+                f"{s['input_wait_fraction']:.2f} | {s['samples_per_s']:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--stages", type=int, nargs="+", default=[2], help="K values (default: 2)")
+    p.add_argument("--steps", type=int, default=200, help="training steps per run")
+    p.add_argument("--repeats", type=int, default=3, help="runs per case (median, min, max)")
+    p.add_argument("--layers", type=int, default=8, help="model.layers")
+    p.add_argument("--hidden", type=int, default=1024, help="model.hidden")
+    p.add_argument("--batch", type=int, default=256, help="data.batch_size")
+    p.add_argument("--micro-batches", type=int, default=4, help="method.micro_batches")
+    p.add_argument("--only", nargs="*", default=[], help="run only cases whose label has these")
+    p.add_argument("--set", nargs="*", default=[], help="extra KEY=VALUE config overrides")
+    p.add_argument("--json", type=Path, help="write every run and the aggregates here")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(1)  # the in-process reference: one thread, like each actor
+    cases = cases_for(args.stages)
+    if args.only:  # backprop on Ray stays in: it is the baseline of every ratio
+        keep = [c for c in cases if any(word in c.label for word in args.only)]
+        cases = [c for c in cases if c.label == "backprop K=1 ray" or c in keep]
+    ray.init(  # "local": a fresh instance even if another Ray runs on this machine
+        address="local",
+        num_cpus=max(args.stages),
+        num_gpus=0,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+    )
+    dataset = load_dataset(make_config(cases[0], args).data)
+    runs: dict[Case, list[dict[str, Any]]] = {case: [] for case in cases}
+    try:
+        for rep in range(args.repeats):
+            for case in cases:
+                result = run_case(case, make_config(case, args), dataset)
+                runs[case].append(result)
+                print(
+                    f"[{rep + 1}/{args.repeats}] {case.label}: "
+                    f"{result['steady_samples_per_s']:.0f} samples/s steady, "
+                    f"{result['summary_samples_per_s']:.0f} end-to-end, "
+                    f"set-up {result['setup_s']:.1f}s, load {result['load1_at_start']:.2f}",
+                    flush=True,
+                )
+    finally:
+        ray.shutdown()
+    base = statistics.median(r["steady_samples_per_s"] for r in runs[Case("backprop", 1, "ray")])
+    rows = [aggregate(case, runs[case], base) for case in cases]
+    print(
+        f"\nSteady state: samples/s from metrics.jsonl between {STEADY_FROM:.0%} of the steps and "
+        f"the last record before the end; end-to-end: summary samples_per_s (with start-up).\n"
+        f"{args.layers}x{args.hidden} FCN, batch {args.batch}, {args.steps} steps, "
+        f"{args.repeats} repeats; ratios to backprop in one Ray actor.\n"
+    )
+    print(markdown(rows))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "ray": ray.__version__,
+            "python": platform.python_version(),
+            "steady_state": "metrics.jsonl, 20% of steps to the last record before the end",
+        }
+        args.json.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
