@@ -27,6 +27,9 @@ class Kind(enum.IntEnum):
     TRAIN = 0  # a training batch: update, then pass on
     EVAL = 1  # an evaluation batch: forward only, no update, no target
     STOP = 2  # end of stream: the receiver finishes what it has and stops
+    # A checkpoint marker for step ``seq``: every stage saves its state when the marker reaches it,
+    # i.e. after its own step seq - 1 and before step seq, so the saved states form one cut.
+    CHECKPOINT = 3
 
 
 @dataclass

@@ -1,12 +1,14 @@
-"""``decoupled train CONFIG [KEY=VALUE ...] [--out DIR]``.
+"""``decoupled train CONFIG [KEY=VALUE ...] [--out DIR] [--resume [DIR]]``.
 
-Exit codes: 0 success; 1 the run failed; 2 bad configuration, arguments or data files (one clear
-message, no traceback); 130 interrupted.
+Exit codes: 0 success; 1 the run failed; 2 bad configuration, arguments, data files or checkpoint
+(one clear message, no traceback); 130 interrupted by Ctrl-C, 143 by SIGTERM (a checkpoint is
+written first).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 import traceback
@@ -14,12 +16,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from decoupled.config import Config, ConfigError, load_config, save_config
+from decoupled.build import num_stages
+from decoupled.checkpoint import CheckpointError, Cut, check_compatible, latest_cut
+from decoupled.config import Config, ConfigError, config_to_dict, load_config, save_config
 from decoupled.data import DataError, load_dataset
+from decoupled.interrupt import Interrupted, StopRequest
 from decoupled.metrics import write_summary
 from decoupled.stage import NonFiniteError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,6 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("config", type=Path, help="YAML experiment, e.g. configs/digits.yaml")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. optim.lr=1e-4")
     train.add_argument("--out", type=Path, help="run folder (default: runs/<time>-<method>-k<K>)")
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        metavar="DIR",
+        help="continue the run in DIR (default: --out) from its last complete checkpoint",
+    )
     return parser
 
 
@@ -37,7 +49,18 @@ def default_out_dir(cfg: Config) -> Path:
     return Path("runs") / f"{stamp}-{cfg.method.name}-k{cfg.stages}"
 
 
-def run_training(cfg: Config, out_dir: Path) -> dict[str, Any]:
+def resume_point(cfg: Config, run_dir: Path) -> Cut:
+    """The last complete cut in ``run_dir``, checked against ``cfg``."""
+    cut = latest_cut(run_dir / "checkpoints")
+    if cut is None:
+        raise CheckpointError(f"no complete checkpoint in {run_dir / 'checkpoints'} to resume")
+    check_compatible(cut, config_to_dict(cfg), num_stages(cfg))
+    return cut
+
+
+def run_training(
+    cfg: Config, out_dir: Path, resume: Cut | None = None, stop: StopRequest | None = None
+) -> dict[str, Any]:
     """Train as configured, writing everything into ``out_dir``; returns the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
@@ -45,11 +68,11 @@ def run_training(cfg: Config, out_dir: Path) -> dict[str, Any]:
     if cfg.runtime.backend == "local":
         from decoupled.local import LocalTrainer
 
-        summary = LocalTrainer(cfg, dataset, out_dir).run()
+        summary = LocalTrainer(cfg, dataset, out_dir, resume=resume, stop=stop).run()
     else:
         from decoupled.ray_runtime.controller import train_on_ray
 
-        summary = train_on_ray(cfg, dataset, out_dir)
+        summary = train_on_ray(cfg, dataset, out_dir, resume=resume, stop=stop)
     write_summary(summary, out_dir)
     return summary
 
@@ -89,15 +112,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         return _fail(f"bad configuration\n{err}", EXIT_USAGE)
-    out_dir: Path = args.out or default_out_dir(cfg)
+    if args.resume is True and args.out is None:
+        return _fail("--resume needs the run folder: --resume DIR, or --out DIR", EXIT_USAGE)
+    out_dir: Path = Path(args.resume) if isinstance(args.resume, str) else args.out
+    out_dir = out_dir or default_out_dir(cfg)
+    stop = StopRequest()
     try:
-        summary = run_training(cfg, out_dir)
+        resume = resume_point(cfg, out_dir) if args.resume else None
+        with stop.installed():
+            summary = run_training(cfg, out_dir, resume, stop)
     except DataError as err:
         return _fail(f"data: {err}", EXIT_USAGE)
     except ConfigError as err:
         return _fail(f"bad configuration\n{err}", EXIT_USAGE)
+    except CheckpointError as err:
+        return _fail(f"checkpoint: {err}", EXIT_USAGE)
+    except Interrupted as err:
+        return _fail(f"{err}; continue with --resume {out_dir}", 128 + err.signum)
     except KeyboardInterrupt:
-        return _fail("interrupted", EXIT_INTERRUPTED)
+        return _fail("interrupted before a checkpoint could be written", 128 + signal.SIGINT)
     except NonFiniteError as err:
         return _fail(f"training stopped: {err}", EXIT_FAILED)
     except Exception as err:

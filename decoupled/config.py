@@ -106,8 +106,13 @@ class RuntimeConfig:
     channel_capacity: int = field(default=2, metadata={"min": 1})
     # Ray runtime: targets are applied in strict step order with one batch in flight.
     lockstep: bool = False
+    # Restarts from the last complete checkpoint after a stage dies, hangs or stops answering.
     max_failures: int = field(default=3, metadata={"min": 0})
+    # Limit for placing the stages and opening their process group.
     timeout_s: float = field(default=600.0, metadata={"gt": 0.0})
+    # A run whose last stage makes no step for this long (or a stage that does not answer a
+    # poll for this long) counts as a failure.
+    stall_timeout_s: float = field(default=120.0, metadata={"gt": 0.0})
 
 
 @dataclass

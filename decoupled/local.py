@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from decoupled.build import build_stages
-from decoupled.config import Config
+from decoupled.checkpoint import Cut, commit_cut, load_stage, save_stage
+from decoupled.config import Config, config_to_dict
 from decoupled.data import Dataset, TrainStream, eval_batches
+from decoupled.interrupt import Interrupted, StopRequest
 from decoupled.metrics import RunLog, build_summary, stage_record
 from decoupled.schedule import Schedule
 from decoupled.stage import Stage
@@ -37,13 +39,29 @@ def evaluate(stages: list[Stage], dataset: Dataset, batch_size: int) -> dict[str
 
 
 class LocalTrainer:
-    def __init__(self, cfg: Config, dataset: Dataset, out_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        dataset: Dataset,
+        out_dir: Path | None = None,
+        resume: Cut | None = None,
+        stop: StopRequest | None = None,
+    ) -> None:
         self.cfg = cfg
         self.dataset = dataset
         self.out_dir = out_dir
+        self.checkpoints = out_dir / "checkpoints" if out_dir is not None else None
+        self.stop = stop or StopRequest()
         self.stages = build_stages(cfg, dataset.input_shape, dataset.num_classes)
+        self.start_step = 0
+        if resume is not None:
+            for stage in self.stages:
+                stage.load_state_dict(load_stage(resume, stage.index, stage.device))
+            self.start_step = resume.step
         self.stream = TrainStream(dataset.train_x, dataset.train_y, cfg.data.batch_size, cfg.seed)
-        self.schedule = Schedule.from_config(cfg.train, self.stream.steps_per_epoch)
+        self.schedule = Schedule.from_config(
+            cfg.train, self.stream.steps_per_epoch, cfg.checkpoint.every
+        )
         # (deliver after step, stage that receives it, seq, target)
         self._pending: deque[tuple[int, int, int, torch.Tensor]] = deque()
 
@@ -86,11 +104,16 @@ class LocalTrainer:
         batch = self.cfg.data.batch_size
         last_train_loss: float | None = None
         test: dict[str, float] = {}
-        with RunLog(self.out_dir, schedule.total_steps, self.cfg.train.progress) as log:
-            for seq in range(schedule.total_steps):
+        with RunLog(self.out_dir, schedule.total_steps, self.cfg.train.progress, self.cfg) as log:
+            log.advance(0, position=self.start_step)
+            for seq in range(self.start_step, schedule.total_steps):
+                if self.stop.requested:
+                    self._interrupt(seq)
                 x, y = self.stream.batch(seq)
                 self.step(seq, x, y)
                 log.advance(1)
+                if schedule.checkpoint_after(seq):
+                    self.save_cut(seq + 1)
                 if schedule.log_after(seq):
                     record = self._train_record(seq, log.wall_s())
                     last_train_loss = record.get("train_loss", last_train_loss)
@@ -107,17 +130,39 @@ class LocalTrainer:
                         }
                     )
             wall_s = log.wall_s()
-        return build_summary(
+        summary = build_summary(
             self.cfg,
             num_stages=len(self.stages),
             steps=schedule.total_steps,
             wall_s=wall_s,
-            samples=schedule.total_steps * batch,
+            samples=(schedule.total_steps - self.start_step) * batch,
             train_loss=last_train_loss,
             test_accuracy=test.get("test_accuracy"),
             stages=[self._stage_figures(stage, wall_s) for stage in self.stages],
             extra={"test_loss": test.get("test_loss")},
         )
+        log.finish(summary)
+        return summary
+
+    def save_cut(self, step: int) -> Path | None:
+        """Every stage at ``step`` steps done; targets still pending are dropped from the cut."""
+        if self.checkpoints is None:
+            return None
+        for stage in self.stages:
+            save_stage(self.checkpoints, step, stage.index, stage.state_dict(), stage.device)
+        cut = commit_cut(
+            self.checkpoints,
+            step,
+            len(self.stages),
+            config_to_dict(self.cfg),
+            self.cfg.checkpoint.keep,
+        )
+        return cut.path
+
+    def _interrupt(self, seq: int) -> None:
+        assert self.stop.signum is not None
+        path = self.save_cut(seq)
+        raise Interrupted(self.stop.signum, seq, str(path) if path else None)
 
     def _train_record(self, seq: int, wall_s: float) -> dict[str, Any]:
         record: dict[str, Any] = {
@@ -125,7 +170,7 @@ class LocalTrainer:
             "step": seq + 1,
             "samples": (seq + 1) * self.cfg.data.batch_size,
             "epoch": self.schedule.epoch(seq),
-            "samples_per_s": (seq + 1) * self.cfg.data.batch_size / wall_s,
+            "samples_per_s": (seq + 1 - self.start_step) * self.cfg.data.batch_size / wall_s,
         }
         for stage in self.stages:
             figures = stage.stats.snapshot()
@@ -133,6 +178,8 @@ class LocalTrainer:
                 record["train_loss"] = figures["train_loss"]
                 record["train_accuracy"] = figures["train_accuracy"]
             figures["busy_fraction"] = stage.stats.compute_s / wall_s
+            if stage.stats.staleness_counts:
+                figures["staleness_counts"] = dict(stage.stats.staleness_counts)
             record.update(stage_record(stage.index, figures))
         return record
 

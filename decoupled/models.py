@@ -13,7 +13,7 @@ import itertools
 import torch
 from torch import nn
 
-from decoupled.config import ModelConfig
+from decoupled.config import ConfigError, ModelConfig
 
 
 def fcn_blocks(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> list[nn.Module]:
@@ -116,7 +116,7 @@ def activation_shapes(
                 x = module(x)
             except RuntimeError as err:
                 source = "the input" if k == 0 else f"the output of stage {k - 1}"
-                raise ValueError(
+                raise ConfigError(
                     f"stage {k} cannot take {source} (shape {tuple(x.shape[1:])}): {err}"
                 ) from err
             finally:

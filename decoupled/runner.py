@@ -49,6 +49,25 @@ def resident_mb() -> float | None:
         return None
 
 
+_nvml_missing = False  # torch.cuda.utilization needs pynvml; without it, ask only once
+
+
+def gpu_figures(device: torch.device) -> dict[str, float]:
+    """Memory this process holds on ``device`` (MB, now and peak) and the device's utilisation
+    (%, over the driver's last sample period) when pynvml is installed."""
+    global _nvml_missing
+    figures = {
+        "gpu_mem_mb": torch.cuda.memory_allocated(device) / 2**20,
+        "gpu_max_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+    }
+    if not _nvml_missing:
+        try:
+            figures["gpu_util"] = float(torch.cuda.utilization(device))
+        except Exception:  # ModuleNotFoundError without pynvml; NVML errors on odd drivers
+            _nvml_missing = True
+    return figures
+
+
 # how long a blocked receive waits before re-checking the stop flag
 
 
@@ -106,6 +125,7 @@ class StageRunner:
         num_test_samples: int = 0,
         start_step: int = 0,
         dropped_targets: Callable[[], int] = lambda: 0,
+        save: Callable[[int], None] | None = None,
     ) -> None:
         self.stage = stage
         self.settings = settings
@@ -116,7 +136,12 @@ class StageRunner:
         self.step = start_step  # next training step to run
         self.dropped_targets = dropped_targets
         self.figures = RunnerFigures()
+        # save(step) writes this stage's part of the cut at ``step``; None: no checkpoints.
+        self.save = save
+        self.saved: list[int] = []
+        self._checkpoint_requested = threading.Event()
         self.error: str | None = None
+        self.error_kind: str | None = None
         self.done = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -132,6 +157,10 @@ class StageRunner:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def request_checkpoint(self) -> None:
+        """Stage 0: start a cut after the step in progress (on Ctrl-C, before stopping)."""
+        self._checkpoint_requested.set()
 
     def join(self, timeout: float) -> bool:
         if self._thread is not None:
@@ -167,6 +196,9 @@ class StageRunner:
                 return
             if message.kind is Kind.EVAL:
                 self._evaluate(message)
+                continue
+            if message.kind is Kind.CHECKPOINT:
+                self._checkpoint(message.seq)
                 continue
             result = stage.train_step(message.seq, message.activations, message.labels)
             if result.activations is not None:
@@ -232,6 +264,9 @@ class StageRunner:
             if message.kind is Kind.EVAL:
                 self._evaluate(message)
                 continue
+            if message.kind is Kind.CHECKPOINT:
+                self._checkpoint(message.seq)
+                continue
             messages.append(message)
         return messages
 
@@ -287,12 +322,26 @@ class StageRunner:
                 return
 
     def _after_step(self, seq: int, total: int) -> None:
-        """Stage 0: at an evaluation point, the test set follows the training batch."""
-        if not self.settings.schedule.evaluate_after(seq) or self.test is None:
+        """Stage 0: a checkpoint marker and, at an evaluation point, the test set follow the
+        training batch."""
+        schedule = self.settings.schedule
+        if self._checkpoint_requested.is_set() or schedule.checkpoint_after(seq):
+            self._checkpoint_requested.clear()
+            self._checkpoint(seq + 1)
+        if not schedule.evaluate_after(seq) or self.test is None:
             return
         x, y, batch_size = self.test
         for x_b, y_b in eval_batches(x, y, batch_size):
             self._evaluate(ForwardMessage(seq + 1, Kind.EVAL, x_b, y_b))
+
+    def _checkpoint(self, step: int) -> None:
+        """Save this stage's part of the cut at ``step``, then pass the marker on."""
+        if self.save is None:
+            return
+        self.save(step)
+        self.saved.append(step)
+        empty = torch.empty(0)
+        self._send_forward(ForwardMessage(step, Kind.CHECKPOINT, empty, empty))
 
     def _evaluate(self, message: ForwardMessage) -> None:
         out = self.stage.evaluate(message.activations)
@@ -326,15 +375,25 @@ class StageRunner:
         lists, so a stale-by-one value is possible and harmless."""
         stats = self.stage.stats.snapshot()
         evals, self.figures.evals = self.figures.evals, []
+        saved, self.saved = self.saved, []
         return {
             "index": self.stage.index,
             "step": self.step,
             "done": self.done.is_set(),
             "error": self.error,
+            "error_kind": self.error_kind,
             "evals": evals,
+            "saved": saved,
             **stats,
             **self._runner_figures(),
+            **self._staleness_counts(),
         }
+
+    def _staleness_counts(self) -> dict[str, Any]:
+        """The whole run's staleness distribution (a few ints). ``dict()`` copies the Counter in
+        one C call under the GIL, so the compute thread cannot change it mid-copy."""
+        counts = dict(self.stage.stats.staleness_counts)
+        return {"staleness_counts": counts} if counts else {}
 
     def final_figures(self) -> dict[str, Any]:
         stats = self.stage.stats
@@ -358,4 +417,5 @@ class StageRunner:
             "target_wait_s": f.target_wait_s,
             "channel_depth": f.depth_sum / f.depth_samples if f.depth_samples else 0.0,
             "targets_dropped": self.dropped_targets(),
+            **(gpu_figures(self.stage.device) if self.stage.device.type == "cuda" else {}),
         }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -16,9 +17,17 @@ import torch
 
 from decoupled.build import build_stage
 from decoupled.channel import Policy, Receiver, Sender
+from decoupled.checkpoint import Cut, load_stage, save_stage
 from decoupled.config import parse_config
 from decoupled.data import TrainStream, load_dataset
 from decoupled.ray_runtime.transport_ray import OrderedInbox, RaySender
+from decoupled.ray_runtime.transport_torch import (
+    TorchReceiver,
+    TorchSender,
+    close_process_group,
+    free_port,
+    open_process_group,
+)
 from decoupled.runner import RunnerSettings, StageRunner
 from decoupled.schedule import Schedule
 
@@ -34,8 +43,10 @@ class StageActor:
         input_shape: tuple[int, ...],
         num_classes: int,
         torch_threads: int,
+        checkpoint_dir: str | None = None,
     ) -> None:
         self.cfg = parse_config(config)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.index = index
         self.num_stages = num_stages
         torch.set_num_threads(torch_threads)
@@ -47,8 +58,6 @@ class StageActor:
         back_capacity = max(capacity, self.cfg.method.micro_batches)
         self.inbox_forward = OrderedInbox(capacity, Policy.BLOCK)
         self.inbox_backward = OrderedInbox(back_capacity, Policy.DROP_OLDEST)
-        self.senders: list[Any] = []
-        self.receivers: list[Any] = []
         self.runner: StageRunner | None = None
         self._edges: dict[str, Any] = {}
 
@@ -65,18 +74,10 @@ class StageActor:
         }
 
     def free_port(self) -> int:
-        from decoupled.ray_runtime.transport_torch import free_port
-
         return free_port()
 
     def connect_torch(self, address: str, port: int, backend: str, timeout_s: float) -> None:
         """Join the process group (all stages call this at once) and open the four edges."""
-        from decoupled.ray_runtime.transport_torch import (
-            TorchReceiver,
-            TorchSender,
-            open_process_group,
-        )
-
         open_process_group(self.index, self.num_stages, address, port, backend, timeout_s)
         wire = self.device if backend == "nccl" else torch.device("cpu")
         capacity = self.cfg.runtime.channel_capacity
@@ -108,8 +109,13 @@ class StageActor:
     def deliver_backward(self, number: int, message: Any) -> None:
         self.inbox_backward.deliver(number, message, self.cfg.runtime.timeout_s)
 
-    def start(self, steps_per_epoch: int, num_test_samples: int) -> None:
+    def start(self, steps_per_epoch: int, num_test_samples: int, resume: Cut | None) -> None:
+        """Restore from ``resume`` if given, then run the stage loop on its own thread."""
         cfg = self.cfg
+        start_step = 0
+        if resume is not None:
+            self.stage.load_state_dict(load_stage(resume, self.index, self.device))
+            start_step = resume.step
         stream = test = None
         if self.index == 0:
             dataset = load_dataset(cfg.data)
@@ -117,7 +123,7 @@ class StageActor:
             test = (dataset.test_x, dataset.test_y, cfg.data.eval_batch_size)
         settings = RunnerSettings(
             method=cfg.method.name,
-            schedule=Schedule.from_config(cfg.train, steps_per_epoch),
+            schedule=Schedule.from_config(cfg.train, steps_per_epoch, cfg.checkpoint.every),
             micro_batches=cfg.method.micro_batches,
             lockstep=cfg.runtime.lockstep,
             send_timeout_s=cfg.runtime.timeout_s,
@@ -133,11 +139,21 @@ class StageActor:
             stream=stream,
             test=test,
             num_test_samples=num_test_samples,
-            dropped_targets=lambda: _dropped(backward_in),
+            dropped_targets=lambda: int(getattr(backward_in, "dropped", 0)),
+            start_step=start_step,
+            save=self._save if self.checkpoint_dir is not None else None,
         )
         self.runner.start()
 
+    def _save(self, step: int) -> None:
+        assert self.checkpoint_dir is not None
+        save_stage(self.checkpoint_dir, step, self.index, self.stage.state_dict(), self.device)
+
     # -- control ------------------------------------------------------------------------------
+    def request_checkpoint(self) -> None:
+        assert self.runner is not None
+        self.runner.request_checkpoint()
+
     def poll(self) -> dict[str, Any]:
         assert self.runner is not None
         return self.runner.poll()
@@ -165,16 +181,7 @@ class StageActor:
             close = getattr(edge, "close", None)
             if close is not None and not isinstance(edge, RaySender):
                 close()
-        from decoupled.ray_runtime.transport_torch import close_process_group
-
         close_process_group()
 
     def state_dict(self) -> dict[str, Any]:
         return self.stage.state_dict()
-
-
-def _dropped(receiver: Any) -> int:
-    if receiver is None:
-        return 0
-    dropped = getattr(receiver, "dropped", 0)
-    return int(dropped() if callable(dropped) else dropped)

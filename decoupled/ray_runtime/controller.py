@@ -1,7 +1,13 @@
 """The driver side of a Ray run: place the stage actors, wire them, start them, watch them.
 
-The controller is on the control plane only: actor calls to set up, poll figures, and stop.
-Activations and targets go straight from actor to actor.
+The controller is on the control plane only: actor calls to set up, poll figures, seal
+checkpoints and stop. Activations and targets go straight from actor to actor.
+
+Failures: a stage actor that dies (its process or node lost), stops answering polls, or lets the
+run stall for ``runtime.stall_timeout_s`` fails the attempt; the controller then tears every
+stage down and starts them all again from the last complete checkpoint, up to
+``runtime.max_failures`` times. A non-finite loss, activation or synthetic gradient is not
+retried: the same data would give the same NaN.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,20 +25,25 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from decoupled.build import num_stages
+from decoupled.checkpoint import Cut, commit_cut, latest_cut
 from decoupled.config import Config, config_to_dict
 from decoupled.data import Dataset, TrainStream
+from decoupled.interrupt import Interrupted, StopRequest
 from decoupled.metrics import RunLog, build_summary, stage_record
+from decoupled.models import activation_shapes, build_stage_modules
 from decoupled.ray_runtime.actor import StageActor
 from decoupled.ray_runtime.plan import StageResources, choose_transport, plan_resources
 from decoupled.schedule import Schedule
+from decoupled.stage import NonFiniteError
 
 log = logging.getLogger(__name__)
 POLL_INTERVAL_S = 0.5
 CONTROL_TIMEOUT_S = 60.0  # for a control call to an actor that is alive and answering
+INTERRUPT_CHECKPOINT_S = 60.0  # how long a signalled run waits for its last cut
 
 
 class StageFailed(RuntimeError):
-    """A stage actor raised, died, or stopped making progress."""
+    """A stage actor raised, died, or stopped making progress: worth a restart."""
 
 
 def init_ray(cfg: Config) -> bool:
@@ -48,9 +60,15 @@ def init_ray(cfg: Config) -> bool:
     return True
 
 
-def train_on_ray(cfg: Config, dataset: Dataset, out_dir: Path | None) -> dict[str, Any]:
+def train_on_ray(
+    cfg: Config,
+    dataset: Dataset,
+    out_dir: Path | None,
+    resume: Cut | None = None,
+    stop: StopRequest | None = None,
+) -> dict[str, Any]:
     started = init_ray(cfg)
-    job = RayJob(cfg, dataset)
+    job = RayJob(cfg, dataset, out_dir, resume=resume, stop=stop)
     try:
         return job.run(out_dir)
     finally:
@@ -60,7 +78,14 @@ def train_on_ray(cfg: Config, dataset: Dataset, out_dir: Path | None) -> dict[st
 
 
 class RayJob:
-    def __init__(self, cfg: Config, dataset: Dataset) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        dataset: Dataset,
+        out_dir: Path | None = None,
+        resume: Cut | None = None,
+        stop: StopRequest | None = None,
+    ) -> None:
         self.cfg = cfg
         self.k = num_stages(cfg)
         self.steps_per_epoch = TrainStream(
@@ -69,14 +94,31 @@ class RayJob:
         self.num_test = int(dataset.test_y.shape[0])
         self.input_shape = dataset.input_shape
         self.num_classes = dataset.num_classes
-        self.schedule = Schedule.from_config(cfg.train, self.steps_per_epoch)
+        self.schedule = Schedule.from_config(cfg.train, self.steps_per_epoch, cfg.checkpoint.every)
+        self.checkpoints = out_dir / "checkpoints" if out_dir is not None else None
+        self.resume = resume
+        self.first_step = resume.step if resume is not None else 0
+        self.stop = stop or StopRequest()
+        self.restarts = 0
         self.actors: list[Any] = []
+        self.described: list[dict[str, Any]] = []
         self.pg: Any = None
         self.transport: tuple[str, str] = ("", "")
         self.resources: StageResources | None = None
+        self._saved: dict[int, set[int]] = {}  # step -> stages whose part of that cut is written
+        self._last_cut: Cut | None = resume
+        self._wanted_cut = 0  # on a signal: the step the last cut must reach
+        self._test: dict[str, Any] = {}
+        self._train_loss: float | None = None
+        # A dry run of one batch through all stages, here, before any actor is placed: a stage
+        # that cannot take its predecessor's output is reported naming both (ConfigError).
+        activation_shapes(
+            build_stage_modules(cfg.model, self.k, self.input_shape, self.num_classes, cfg.seed),
+            self.input_shape,
+        )
 
     # -- set-up --------------------------------------------------------------------------------
-    def launch(self) -> list[dict[str, Any]]:
+    def launch(self) -> None:
         cfg, k = self.cfg, self.k
         gpus = float(ray.cluster_resources().get("GPU", 0.0))
         self.resources = res = plan_resources(
@@ -92,49 +134,42 @@ class RayJob:
             )
         remote = ray.remote(StageActor)
         config = config_to_dict(cfg)
+        checkpoint_dir = str(self.checkpoints) if self.checkpoints is not None else None
+        concurrency = 2 * cfg.runtime.channel_capacity + 2 * cfg.method.micro_batches + 4
         for i in range(k):
+            strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)
             self.actors.append(
                 remote.options(
                     num_cpus=res.cpus,
                     num_gpus=res.gpus,
-                    max_concurrency=2 * cfg.runtime.channel_capacity
-                    + 2 * cfg.method.micro_batches
-                    + 4,
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(
-                        self.pg, placement_group_bundle_index=i
-                    ),
-                    name=None,
-                ).remote(config, i, k, self.input_shape, self.num_classes, res.torch_threads)
+                    max_concurrency=concurrency,
+                    scheduling_strategy=strategy,
+                ).remote(
+                    config,
+                    i,
+                    k,
+                    self.input_shape,
+                    self.num_classes,
+                    res.torch_threads,
+                    checkpoint_dir,
+                )
             )
-        described: list[dict[str, Any]] = self._all("describe", timeout=cfg.runtime.timeout_s)
-        self._connect(described, res)
-        return described
+        self.described = self._all("describe", timeout=cfg.runtime.timeout_s)
+        self._connect(res)
 
-    def _connect(self, described: list[dict[str, Any]], res: StageResources) -> None:
+    def _connect(self, res: StageResources) -> None:
         self.transport = plane, backend = choose_transport(self.cfg.runtime.transport, res.gpus)
         if plane == "ray":
-            ray.get(
-                [
-                    actor.connect_ray.remote(
-                        self.actors[i - 1] if i > 0 else None,
-                        self.actors[i + 1] if i < self.k - 1 else None,
-                    )
-                    for i, actor in enumerate(self.actors)
-                ],
-                timeout=CONTROL_TIMEOUT_S,
-            )
+            for i, actor in enumerate(self.actors):
+                previous = self.actors[i - 1] if i > 0 else None
+                following = self.actors[i + 1] if i < self.k - 1 else None
+                ray.get(actor.connect_ray.remote(previous, following), timeout=CONTROL_TIMEOUT_S)
             return
         port = ray.get(self.actors[0].free_port.remote(), timeout=CONTROL_TIMEOUT_S)
-        address = described[0]["node_ip"]
+        address = self.described[0]["node_ip"]
         # Every rank must join the rendezvous at once: one call each, then wait for all.
-        self._all(
-            "connect_torch",
-            address,
-            port,
-            backend,
-            self.cfg.runtime.timeout_s,
-            timeout=self.cfg.runtime.timeout_s,
-        )
+        timeout = self.cfg.runtime.timeout_s
+        self._all("connect_torch", address, port, backend, timeout, timeout=timeout)
 
     def _all(self, method: str, *args: Any, timeout: float = CONTROL_TIMEOUT_S) -> list[Any]:
         refs = [getattr(actor, method).remote(*args) for actor in self.actors]
@@ -150,62 +185,137 @@ class RayJob:
     # -- the run -------------------------------------------------------------------------------
     def run(self, out_dir: Path | None) -> dict[str, Any]:
         cfg = self.cfg
-        described = self.launch()
-        batch = cfg.data.batch_size
-        test: dict[str, Any] = {}
-        train_loss: float | None = None
-        with RunLog(out_dir, self.schedule.total_steps, cfg.train.progress) as run_log:
-            self._all("start", self.steps_per_epoch, self.num_test)
-            last_progress, last_step = time.monotonic(), -1
+        with RunLog(out_dir, self.schedule.total_steps, cfg.train.progress, cfg) as run_log:
             while True:
-                time.sleep(POLL_INTERVAL_S)
-                polls = self._all("poll")
-                for poll in polls:
-                    if poll["error"]:
-                        raise StageFailed(f"stage {poll['index']} failed:\n{poll['error']}")
-                last = polls[-1]
-                step = last["step"]
-                run_log.advance(0, position=step)
-                record = self._train_record(polls, run_log.wall_s())
-                train_loss = record.get("train_loss", train_loss)
-                run_log.write(record)
-                for result in last["evals"]:
-                    test = result
-                    run_log.write(
-                        {
-                            "event": "eval",
-                            "samples": result["step"] * batch,
-                            "epoch": result["step"] / self.steps_per_epoch,
-                            **result,
-                        }
-                    )
-                if all(p["done"] for p in polls):
+                try:
+                    self.launch()
+                    self._all("start", self.steps_per_epoch, self.num_test, self._last_cut)
+                    self._watch(run_log)
+                    finals = self._all("finish", CONTROL_TIMEOUT_S)
                     break
-                if step != last_step:
-                    last_progress, last_step = time.monotonic(), step
-                elif time.monotonic() - last_progress > cfg.runtime.timeout_s:
-                    raise StageFailed(f"no progress for {cfg.runtime.timeout_s:g}s at step {step}")
+                except StageFailed as failure:
+                    if self.restarts >= cfg.runtime.max_failures:
+                        raise
+                    self._restart(run_log, failure)
             wall_s = run_log.wall_s()
-        finals = self._all("finish", CONTROL_TIMEOUT_S)
-        for figures in finals:
-            if figures["error"]:
-                raise StageFailed(f"stage {figures['index']} failed:\n{figures['error']}")
         plane, backend = self.transport
-        return build_summary(
+        stages = [_summary_figures(f) | {"restarts": self.restarts} for f in finals]
+        summary = build_summary(
             cfg,
             num_stages=self.k,
             steps=self.schedule.total_steps,
             wall_s=wall_s,
-            samples=self.schedule.total_steps * batch,
-            train_loss=train_loss,
-            test_accuracy=test.get("test_accuracy"),
-            stages=[_summary_figures(f) for f in finals],
+            samples=(self.schedule.total_steps - self.first_step) * cfg.data.batch_size,
+            train_loss=self._train_loss,
+            test_accuracy=self._test.get("test_accuracy"),
+            stages=stages,
             extra={
-                "test_loss": test.get("test_loss"),
+                "test_loss": self._test.get("test_loss"),
                 "transport": plane if plane == "ray" else f"{plane}-{backend}",
-                "nodes": sorted({d["node_id"] for d in described}),
+                "nodes": sorted({d["node_id"] for d in self.described}),
+                "restarts": self.restarts,
+                "resumed_from": self.first_step or None,
             },
         )
+        run_log.finish(summary)
+        return summary
+
+    def _restart(self, run_log: RunLog, failure: StageFailed) -> None:
+        self.restarts += 1
+        self.teardown()
+        self._saved.clear()
+        if self.checkpoints is not None:
+            self._last_cut = latest_cut(self.checkpoints) or self._last_cut
+        step = self._last_cut.step if self._last_cut is not None else 0
+        reason = str(failure).splitlines()[0]
+        print(
+            f"decoupled: {reason}; restart {self.restarts}/{self.cfg.runtime.max_failures} "
+            f"from step {step}",
+            file=sys.stderr,
+        )
+        run_log.write(
+            {
+                "event": "restart",
+                "restarts": self.restarts,
+                "step": step,
+                "samples": step * self.cfg.data.batch_size,
+                "reason": reason,
+            }
+        )
+
+    def _watch(self, run_log: RunLog) -> None:
+        """Poll until every stage is done; seal cuts; raise on failure, stall or signal."""
+        cfg, batch = self.cfg, self.cfg.data.batch_size
+        poll_timeout = min(CONTROL_TIMEOUT_S, cfg.runtime.stall_timeout_s)
+        last_progress, last_step = time.monotonic(), -1
+        interrupted_at: float | None = None
+        while True:
+            time.sleep(POLL_INTERVAL_S)
+            polls = self._all("poll", timeout=poll_timeout)
+            for poll in polls:
+                if poll["error"]:
+                    message = f"stage {poll['index']} failed:\n{poll['error']}"
+                    if poll["error_kind"] == NonFiniteError.__name__:
+                        raise NonFiniteError(message.splitlines()[-1])
+                    raise StageFailed(message)
+                self._record_saved(poll)
+            step = polls[-1]["step"]
+            run_log.advance(0, position=step)
+            record = self._train_record(polls, run_log.wall_s())
+            self._train_loss = record.get("train_loss", self._train_loss)
+            run_log.write(record)
+            for result in polls[-1]["evals"]:
+                self._test = result
+                run_log.write(
+                    {
+                        "event": "eval",
+                        "samples": result["step"] * batch,
+                        "epoch": result["step"] / self.steps_per_epoch,
+                        **result,
+                    }
+                )
+            if self.stop.requested:
+                interrupted_at = self._interrupt(interrupted_at, polls[0]["step"])
+            if all(p["done"] for p in polls):
+                return
+            if step != last_step:
+                last_progress, last_step = time.monotonic(), step
+            elif time.monotonic() - last_progress > cfg.runtime.stall_timeout_s:
+                raise StageFailed(
+                    f"no progress for {cfg.runtime.stall_timeout_s:g}s at step {step}"
+                )
+
+    def _record_saved(self, poll: dict[str, Any]) -> None:
+        for step in poll["saved"]:
+            stages = self._saved.setdefault(step, set())
+            stages.add(poll["index"])
+            if len(stages) == self.k and self.checkpoints is not None:
+                self._last_cut = commit_cut(
+                    self.checkpoints,
+                    step,
+                    self.k,
+                    config_to_dict(self.cfg),
+                    self.cfg.checkpoint.keep,
+                )
+                del self._saved[step]
+
+    def _interrupt(self, since: float | None, step: int) -> float:
+        """On a signal: ask stage 0 for a cut after its current step; once it is sealed (or the
+        wait is over), stop with Interrupted."""
+        assert self.stop.signum is not None
+        now = time.monotonic()
+        if since is None:
+            if self.checkpoints is None:
+                raise Interrupted(self.stop.signum, step, None)
+            ray.get(self.actors[0].request_checkpoint.remote(), timeout=CONTROL_TIMEOUT_S)
+            self._wanted_cut = step
+            return now
+        cut = self._last_cut
+        if cut is not None and cut.step >= self._wanted_cut:
+            raise Interrupted(self.stop.signum, cut.step, str(cut.path))
+        if now - since > INTERRUPT_CHECKPOINT_S:
+            raise Interrupted(self.stop.signum, step, str(cut.path) if cut else None)
+        return since
 
     def _train_record(self, polls: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
         last = polls[-1]
@@ -215,12 +325,13 @@ class RayJob:
             "step": step,
             "samples": step * self.cfg.data.batch_size,
             "epoch": step / self.steps_per_epoch,
-            "samples_per_s": step * self.cfg.data.batch_size / wall_s,
+            "samples_per_s": (step - self.first_step) * self.cfg.data.batch_size / wall_s,
             "train_loss": last["train_loss"],
             "train_accuracy": last["train_accuracy"],
         }
         for poll in polls:
             poll["busy_fraction"] = poll["compute_s"] / wall_s
+            poll["restarts"] = self.restarts
             record.update(stage_record(poll["index"], poll))
         return {k: v for k, v in record.items() if v is not None}
 
@@ -229,7 +340,7 @@ class RayJob:
         return self._all("state_dict")
 
     def teardown(self) -> None:
-        """Stop and release everything this job started, bounded in time whatever state it is in."""
+        """Stop and release everything this job started, bounded in time whatever its state."""
         if self.actors:
             stops = [actor.stop.remote() for actor in self.actors]
             ray.wait(stops, num_returns=len(stops), timeout=5)

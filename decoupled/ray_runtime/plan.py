@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from decoupled.config import ConfigError
+
 
 @dataclass(frozen=True)
 class StageResources:
@@ -33,7 +35,7 @@ def plan_resources(
     else:
         gpus = float(gpus_per_stage)
         if gpus * num_stages > cluster_gpus + 1e-9:
-            raise ValueError(
+            raise ConfigError(
                 f"runtime.gpus_per_stage={gpus_per_stage} needs {gpus * num_stages:g} GPUs for "
                 f"{num_stages} stages; the cluster has {cluster_gpus:g}"
             )

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from decoupled.build import build_stages
-from decoupled.config import ModelConfig, block_count, parse_config
+from decoupled.config import ConfigError, ModelConfig, block_count, parse_config
 from decoupled.models import activation_shapes, build_stage_modules, stage_ranges
 from decoupled.synthesizer import ConvSynthesizer, MLPSynthesizer
 
@@ -102,6 +102,6 @@ def test_fcn_boundary_after_the_last_hidden_layer_gives_an_mlp_sg_on_the_hidden_
 def test_a_stage_that_cannot_take_its_input_is_named_at_setup() -> None:
     parts = [nn.Sequential(nn.Flatten(), nn.Linear(64, 8)), nn.Sequential(nn.Linear(9, 2))]
     with pytest.raises(
-        ValueError, match=r"stage 1 cannot take the output of stage 0 \(shape \(8,\)\)"
+        ConfigError, match=r"stage 1 cannot take the output of stage 0 \(shape \(8,\)\)"
     ):
         activation_shapes(parts, (1, 8, 8))

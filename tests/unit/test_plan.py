@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from decoupled.config import ConfigError
 from decoupled.ray_runtime.plan import StageResources, choose_transport, plan_resources
 
 
@@ -28,7 +29,7 @@ def test_gpus_per_stage(
 
 
 def test_asking_for_more_gpus_than_the_cluster_has_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"needs 4 GPUs for 4 stages; the cluster has 2"):
+    with pytest.raises(ConfigError, match=r"needs 4 GPUs for 4 stages; the cluster has 2"):
         plan_resources(4, 1, 1.0, 2.0)
 
 
