@@ -175,11 +175,13 @@ class StageRunner:
                 self._run_pipeline()
             else:
                 self._run_unlocked()
-        except ChannelClosed:
+        except ChannelClosed as err:
             if not self._stop.is_set():
                 self.error = f"stage {self.stage.index}: a channel closed before the end"
-        except Exception:
+                self.error_kind = type(err).__name__
+        except Exception as err:  # reported to the controller, which decides
             self.error = traceback.format_exc()
+            self.error_kind = type(err).__name__
         finally:
             self.done.set()
 

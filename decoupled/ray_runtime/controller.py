@@ -227,7 +227,9 @@ class RayJob:
         if self.checkpoints is not None:
             self._last_cut = latest_cut(self.checkpoints) or self._last_cut
         step = self._last_cut.step if self._last_cut is not None else 0
-        reason = str(failure).splitlines()[0]
+        # The first line says which stage; the last, for a traceback, what went wrong.
+        lines = str(failure).strip().splitlines()
+        reason = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
         print(
             f"decoupled: {reason}; restart {self.restarts}/{self.cfg.runtime.max_failures} "
             f"from step {step}",
@@ -252,13 +254,14 @@ class RayJob:
         while True:
             time.sleep(POLL_INTERVAL_S)
             polls = self._all("poll", timeout=poll_timeout)
+            for poll in polls:  # seal what was saved before a failure: the last good cut
+                self._record_saved(poll)
             for poll in polls:
                 if poll["error"]:
                     message = f"stage {poll['index']} failed:\n{poll['error']}"
                     if poll["error_kind"] == NonFiniteError.__name__:
                         raise NonFiniteError(message.splitlines()[-1])
                     raise StageFailed(message)
-                self._record_saved(poll)
             step = polls[-1]["step"]
             run_log.advance(0, position=step)
             record = self._train_record(polls, run_log.wall_s())
@@ -342,14 +345,15 @@ class RayJob:
     def teardown(self) -> None:
         """Stop and release everything this job started, bounded in time whatever its state."""
         if self.actors:
+            # Short waits: a hung actor answers none of these, and a restart waits on them.
             stops = [actor.stop.remote() for actor in self.actors]
-            ray.wait(stops, num_returns=len(stops), timeout=5)
+            ray.wait(stops, num_returns=len(stops), timeout=2)
             shutdowns = [actor.shutdown.remote() for actor in self.actors]
-            ray.wait(shutdowns, num_returns=len(shutdowns), timeout=10)
+            ray.wait(shutdowns, num_returns=len(shutdowns), timeout=5)
             # A graceful exit first (a kill makes Ray print the actor's SystemExit), then a kill
             # for any actor that is stuck.
             exits = [actor.__ray_terminate__.remote() for actor in self.actors]
-            ray.wait(exits, num_returns=len(exits), timeout=5)
+            ray.wait(exits, num_returns=len(exits), timeout=3)
             for actor in self.actors:
                 ray.kill(actor)
             self.actors = []
