@@ -4,8 +4,16 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?= configs/digits.yaml
 ARGS   ?=
+# Images (docker/) and clusters (launch/, docker/compose.yaml): docs/cluster.md.
+IMAGE   ?= decoupled
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+# docker/compose.yaml (one machine, the default: it costs nothing), or a `ray up` file such as
+# launch/cluster-aws.yaml or launch/cluster-local.yaml.
+CLUSTER ?= docker/compose.yaml
+DOCKERFILES := docker/Dockerfile.gpu docker/Dockerfile.cpu
 
-.PHONY: install train test lint format clean
+.PHONY: install train test lint format clean docker-build docker-build-cpu docker-build-gpu \
+	cluster-up cluster-down submit bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,6 +29,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/hadolint $(DOCKERFILES)
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
@@ -28,6 +37,34 @@ format: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -q
+
+# Both images; each needs a running Docker engine (and the network for its base image and wheels).
+docker-build: docker-build-cpu docker-build-gpu
+
+docker-build-cpu docker-build-gpu: docker-build-%:
+	@docker info >/dev/null 2>&1 || { echo "make $@: no Docker engine answers ('docker info' failed)" >&2; exit 1; }
+	docker build -f docker/Dockerfile.$* -t $(IMAGE):$(VERSION)-$* .
+
+# A cluster: compose (head and two workers on this machine) or `ray up`/`ray down` (asks first).
+ifeq ($(notdir $(CLUSTER)),compose.yaml)
+cluster-up: docker-build-cpu
+	docker compose -f $(CLUSTER) up -d --wait
+cluster-down:
+	docker compose -f $(CLUSTER) down
+else
+cluster-up: $(STAMP)
+	$(VENV)/bin/ray up $(CLUSTER)
+cluster-down: $(STAMP)
+	$(VENV)/bin/ray down $(CLUSTER)
+endif
+
+# `decoupled submit`: e.g. make submit ARGS="stages=2 --address http://127.0.0.1:8265"
+submit: $(STAMP)
+	$(VENV)/bin/decoupled submit $(CONFIG) $(ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/throughput.py
+	$(PY) bench/transport.py
 
 clean:
 	rm -rf $(VENV) runs .mypy_cache .pytest_cache .ruff_cache

@@ -6,7 +6,8 @@ per actor, evaluation only once at the end. A single-process reference runs ``Lo
 this process with one thread. The headline figure is the *steady-state* rate, read from the run's
 ``metrics.jsonl`` between the first record at or past 20% of the steps and the last record before
 the end (so actor start-up, pipeline fill and the final evaluation are excluded). Repeats are
-interleaved (every case once, then again) so that load drift hits every case alike.
+interleaved (every case once, then again) so that load drift hits every case alike; before each
+run the script waits until the CPUs are mostly idle (``--quiet``) and records how busy they were.
 
     .venv/bin/python bench/throughput.py                      # K=2, 200 steps, 3 repeats
     .venv/bin/python bench/throughput.py --stages 2 4 --steps 300 --json runs/bench/tp.json
@@ -19,8 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -30,6 +29,7 @@ from typing import Any
 
 import ray
 import torch
+from common import machine, wait_quiet
 
 from decoupled.config import Config, parse_config
 from decoupled.data import Dataset, load_dataset
@@ -82,9 +82,9 @@ def steady_rate(metrics: Path, total_steps: int, batch: int) -> float:
     return float((end["step"] - start["step"]) * batch / (end["wall_s"] - start["wall_s"]))
 
 
-def run_case(case: Case, cfg: Config, dataset: Dataset) -> dict[str, Any]:
+def run_case(case: Case, cfg: Config, dataset: Dataset, quiet: float) -> dict[str, Any]:
     """Train once; the steady rate, the end-to-end rate and the per-stage figures."""
-    load1 = os.getloadavg()[0]  # other work on the machine skews every figure: keep the record
+    busy = wait_quiet(quiet, timeout_s=600)  # other work skews every figure: wait, and record
     with tempfile.TemporaryDirectory(prefix="bench-tp-") as tmp:
         out = Path(tmp)
         started = time.perf_counter()
@@ -112,8 +112,8 @@ def run_case(case: Case, cfg: Config, dataset: Dataset) -> dict[str, Any]:
     return {
         "steady_samples_per_s": steady,
         "summary_samples_per_s": summary["samples_per_s"],
-        "setup_s": total_s - summary["wall_s"],  # placement, actor start, connect, teardown
-        "load1_at_start": load1,
+        "call_s": total_s,  # train_on_ray, start-up and teardown included
+        "cpu_busy_before": busy,
         "test_accuracy": summary.get("test_accuracy"),
         "stages": stages,
     }
@@ -142,6 +142,7 @@ def aggregate(case: Case, runs: list[dict[str, Any]], base: float) -> dict[str, 
         "ratio_to_backprop": median / base,
         "target": 0.85 * case.stages if case.method in ("dni", "cdni") else None,
         "summary_median": statistics.median(r["summary_samples_per_s"] for r in runs),
+        "cpu_busy_before_max": max(r["cpu_busy_before"] for r in runs),
         "typical_run": typical,
         "runs": runs,
     }
@@ -149,15 +150,16 @@ def aggregate(case: Case, runs: list[dict[str, Any]], base: float) -> dict[str, 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| case | steady samples/s (median) | min - max | x backprop | target | end-to-end |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| case | steady samples/s (median) | min - max | x backprop | target | end-to-end "
+        "| CPU busy before |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         target = f"{r['target']:.2f}" if r["target"] is not None else "-"
         lines.append(
             f"| {r['case']} | {r['steady_median']:.0f} | {r['steady_min']:.0f} - "
             f"{r['steady_max']:.0f} | {r['ratio_to_backprop']:.2f} | {target} | "
-            f"{r['summary_median']:.0f} |"
+            f"{r['summary_median']:.0f} | {r['cpu_busy_before_max']:.2f} |"
         )
     lines += [
         "",
@@ -186,6 +188,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--only", nargs="*", default=[], help="run only cases whose label has these")
     p.add_argument("--set", nargs="*", default=[], help="extra KEY=VALUE config overrides")
     p.add_argument("--json", type=Path, help="write every run and the aggregates here")
+    p.add_argument(
+        "--quiet",
+        type=float,
+        default=0.3,
+        help="before each run, wait (<= 10 min) until the CPUs "
+        "are at most this busy (0..1; 1 = do not wait)",
+    )
     return p.parse_args()
 
 
@@ -208,13 +217,13 @@ def main() -> None:
     try:
         for rep in range(args.repeats):
             for case in cases:
-                result = run_case(case, make_config(case, args), dataset)
+                result = run_case(case, make_config(case, args), dataset, args.quiet)
                 runs[case].append(result)
                 print(
                     f"[{rep + 1}/{args.repeats}] {case.label}: "
                     f"{result['steady_samples_per_s']:.0f} samples/s steady, "
                     f"{result['summary_samples_per_s']:.0f} end-to-end, "
-                    f"set-up {result['setup_s']:.1f}s, load {result['load1_at_start']:.2f}",
+                    f"call {result['call_s']:.1f}s, busy before {result['cpu_busy_before']:.2f}",
                     flush=True,
                 )
     finally:
@@ -225,17 +234,15 @@ def main() -> None:
         f"\nSteady state: samples/s from metrics.jsonl between {STEADY_FROM:.0%} of the steps and "
         f"the last record before the end; end-to-end: summary samples_per_s (with start-up).\n"
         f"{args.layers}x{args.hidden} FCN, batch {args.batch}, {args.steps} steps, "
-        f"{args.repeats} repeats; ratios to backprop in one Ray actor.\n"
+        f"{args.repeats} repeats; ratios to backprop in one Ray actor. Per-stage figures: the "
+        f"run closest to the median (busy = compute / loop time; input wait = share of it).\n"
     )
     print(markdown(rows))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         meta = {
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "cpus": os.cpu_count(),
-            "torch": torch.__version__,
-            "ray": ray.__version__,
-            "python": platform.python_version(),
+            "machine": machine(),
             "steady_state": "metrics.jsonl, 20% of steps to the last record before the end",
         }
         args.json.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")

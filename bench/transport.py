@@ -3,24 +3,30 @@
 Modes, each moving float32 tensors of shape (size / 4 KB, 1024) from a producer to a consumer:
 
 - ``raw``: blocking ``dist.send``/``dist.recv`` (gloo) between two processes, one tensor a message;
-- ``torch``: the project's channel, ``TorchSender`` -> ``TorchReceiver`` (capacity 4, one message
-  in flight) after ``open_process_group``, carrying ``ForwardMessage``s with (rows,) int64 labels,
-  as the stage actors do;
+- ``raw-async``: ``dist.isend``/``dist.irecv`` with two sends in flight and two receives posted
+  ahead (what raw gloo does when messages stream; "x best raw" is to the faster raw mode);
+- ``torch``: the project's channel, ``TorchSender`` -> ``TorchReceiver`` after
+  ``open_process_group``, carrying ``ForwardMessage``s with (rows,) int64 labels; default channel
+  capacity and one message in flight, as the stage actors use it;
+- ``torch-if2``: the same with ``max_in_flight=2`` (not what the actors use);
 - ``ray``: ``RaySender`` in one actor -> ``deliver_forward`` of another actor holding an
   ``OrderedInbox`` drained by a consumer thread, wired like ``decoupled/ray_runtime/actor.py``;
 - ``ray-zc``: the same with ``RAY_ENABLE_ZERO_COPY_TORCH_TENSORS=1`` (not what the library sets).
 
 One repetition: the producer sends N messages, the consumer receives N; the time from the first
 send to the last receive (both read from the host's monotonic clock), divided by N, is the
-per-message cost. The median over repetitions is reported, after one discarded warm-up.
+per-message cost. Each round starts fresh processes per mode (modes interleaved) and discards
+one warm-up repetition; the median over all rounds and repetitions is reported. Before each
+mode the script waits until the CPUs are mostly idle (``--quiet``) and records how busy they were.
 
-    .venv/bin/python bench/transport.py                          # 64K 1M 4M 16M, 5 repeats
-    .venv/bin/python bench/transport.py --sizes 1M 64M --repeats 7 --json runs/bench/tr.json
+    .venv/bin/python bench/transport.py                # 64K 1M 4M 16M, 3 rounds x 3 repeats
+    .venv/bin/python bench/transport.py --sizes 1M 64M --rounds 5 --json runs/bench/tr.json
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 import multiprocessing as mp
@@ -33,8 +39,11 @@ from typing import Any
 import ray
 import torch
 import torch.distributed as dist
+from common import machine, wait_quiet
+from torch.distributed import Work
 
 from decoupled.channel import ForwardMessage, Kind, Policy
+from decoupled.config import RuntimeConfig
 from decoupled.ray_runtime.transport_ray import OrderedInbox, RaySender
 from decoupled.ray_runtime.transport_torch import (
     TorchReceiver,
@@ -44,7 +53,8 @@ from decoupled.ray_runtime.transport_torch import (
     open_process_group,
 )
 
-CAPACITY = 4  # runtime.channel_capacity's default
+CAPACITY = RuntimeConfig().channel_capacity  # the default forward channel capacity
+WINDOW = 2  # raw-async: sends in flight, receives posted ahead
 ROW_BYTES = 1024 * 4  # one row of the (rows, 1024) float32 payload
 Plan = list[tuple[int, int]]  # (bytes, messages per repetition)
 Result = tuple[str, int, int, float]  # (mode, bytes, repetition, seconds per message)
@@ -65,40 +75,69 @@ def payload(size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # --- torch.distributed: two plain processes ------------------------------------------------------
+def post(work: Work | None) -> Work:
+    assert work is not None  # None only for ranks outside the group
+    return work
+
+
+def send_all(mode: str, n: int, x: torch.Tensor, labels: torch.Tensor, sender: Any) -> None:
+    if sender is not None:  # the project's channel
+        for i in range(n):
+            sender.send(ForwardMessage(i, Kind.TRAIN, x, labels), timeout=60.0)
+    elif mode == "raw":
+        for _ in range(n):
+            dist.send(x, 1)
+    else:  # raw-async: up to WINDOW sends posted at once
+        works: collections.deque[Work] = collections.deque()
+        for _ in range(n):
+            if len(works) == WINDOW:
+                works.popleft().wait()
+            works.append(post(dist.isend(x, 1)))
+        for work in works:
+            work.wait()
+
+
+def recv_all(mode: str, n: int, x: torch.Tensor, receiver: Any) -> None:
+    if receiver is not None:
+        for _ in range(n):
+            if receiver.recv(timeout=60.0) is None:
+                raise TimeoutError("no message within 60 s")
+    elif mode == "raw":
+        buffer = torch.empty_like(x)
+        for _ in range(n):
+            dist.recv(buffer, 0)
+    else:  # raw-async: WINDOW receives posted ahead, into as many buffers
+        buffers = [torch.empty_like(x) for _ in range(WINDOW)]
+        works = collections.deque(post(dist.irecv(b, 0)) for b in buffers[:n])
+        for i in range(n):
+            works.popleft().wait()
+            if i + WINDOW < n:
+                works.append(post(dist.irecv(buffers[i % WINDOW], 0)))
+
+
 def torch_worker(rank: int, mode: str, port: int, plan: Plan, repeats: int, out: Any) -> None:
     torch.set_num_threads(1)
-    if mode == "raw":
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
-        )
+    if mode.startswith("raw"):
+        url = f"tcp://127.0.0.1:{port}"
+        dist.init_process_group("gloo", init_method=url, rank=rank, world_size=2)
     else:
         open_process_group(rank, 2, "127.0.0.1", port, "gloo", 60.0)
-    cpu = torch.device("cpu")
-    sender = TorchSender(1, "forward", cpu) if mode == "torch" and rank == 0 else None
-    receiver = (
-        TorchReceiver(0, "forward", CAPACITY, Policy.BLOCK, cpu)
-        if mode == "torch" and rank == 1
-        else None
-    )
+    cpu, channel = torch.device("cpu"), mode.startswith("torch")
+    in_flight = 2 if mode == "torch-if2" else 1
+    sender = receiver = None
+    if channel and rank == 0:
+        sender = TorchSender(1, "forward", cpu, max_in_flight=in_flight)
+    elif channel:
+        receiver = TorchReceiver(0, "forward", CAPACITY, Policy.BLOCK, cpu)
     for size, n in plan:
         x, labels = payload(size)
-        buffer = torch.empty_like(x)
         for rep in range(repeats + 1):  # repetition 0 is a warm-up
             dist.barrier()
             if rank == 0:
                 out.put(("t0", size, rep, time.monotonic()))  # CLOCK_MONOTONIC: host-wide
-                for i in range(n):
-                    if sender is not None:
-                        sender.send(ForwardMessage(i, Kind.TRAIN, x, labels), timeout=60.0)
-                    else:
-                        dist.send(x, 1)
+                send_all(mode, n, x, labels, sender)
             else:
-                for _ in range(n):
-                    if receiver is not None:
-                        if receiver.recv(timeout=60.0) is None:
-                            raise TimeoutError("no message within 60 s")
-                    else:
-                        dist.recv(buffer, 0)
+                recv_all(mode, n, x, receiver)
                 out.put(("t1", size, rep, time.monotonic()))
     if sender is not None:
         sender.close()
@@ -213,10 +252,11 @@ def run_ray(mode: str, plan: Plan, repeats: int) -> list[Result]:
 def summarise(results: list[Result], modes: list[str], plan: Plan) -> list[dict[str, Any]]:
     rows = []
     for size, n in plan:
-        raw = [r[3] for r in results if r[0] == "raw" and r[1] == size]
-        base = statistics.median(raw) if raw else None
+        per_mode = {m: [r[3] for r in results if r[0] == m and r[1] == size] for m in modes}
+        raws = {m: statistics.median(per_mode[m]) for m in ("raw", "raw-async") if m in modes}
+        best = min(raws.values(), default=None)  # the faster raw mode at this size
         for mode in modes:
-            per = [r[3] for r in results if r[0] == mode and r[1] == size]
+            per = per_mode[mode]
             median = statistics.median(per)
             rows.append(
                 {
@@ -227,7 +267,8 @@ def summarise(results: list[Result], modes: list[str], plan: Plan) -> list[dict[
                     "us_min": 1e6 * min(per),
                     "us_max": 1e6 * max(per),
                     "mb_per_s": size / median / 2**20,
-                    "ratio_to_raw": median / base if base else None,
+                    "ratio_to_raw": median / raws["raw"] if "raw" in raws else None,
+                    "ratio_to_best_raw": median / best if best else None,
                     "runs_s": per,
                 }
             )
@@ -236,15 +277,15 @@ def summarise(results: list[Result], modes: list[str], plan: Plan) -> list[dict[
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| size | mode | messages | us/message (median) | min - max | MB/s | x raw |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| size | mode | messages | us/message (median) | min - max | MB/s | x raw | x best raw |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         size = f"{r['bytes'] / 2**20:g} MB" if r["bytes"] >= 2**20 else f"{r['bytes'] >> 10} KB"
-        ratio = f"{r['ratio_to_raw']:.2f}" if r["ratio_to_raw"] else "-"
+        ratios = [f"{v:.2f}" if v else "-" for v in (r["ratio_to_raw"], r["ratio_to_best_raw"])]
         lines.append(
             f"| {size} | {r['mode']} | {r['messages']} | {r['us_per_message']:.0f} | "
-            f"{r['us_min']:.0f} - {r['us_max']:.0f} | {r['mb_per_s']:.0f} | {ratio} |"
+            f"{r['us_min']:.0f} - {r['us_max']:.0f} | {r['mb_per_s']:.0f} | {' | '.join(ratios)} |"
         )
     return "\n".join(lines)
 
@@ -253,12 +294,20 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sizes = [2**16, 2**20, 2**22, 2**24]  # 64K 1M 4M 16M
     p.add_argument("--sizes", type=parse_size, nargs="+", default=sizes, help="e.g. 64K 1M 64M")
-    p.add_argument("--modes", nargs="+", default=["raw", "torch", "ray", "ray-zc"])
-    p.add_argument("--repeats", type=int, default=5, help="timed repetitions (+1 warm-up)")
+    modes = ["raw", "raw-async", "torch", "torch-if2", "ray", "ray-zc"]
+    p.add_argument("--modes", nargs="+", default=modes, choices=modes)
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions (+1 warm-up)")
+    p.add_argument("--rounds", type=int, default=3, help="fresh process pairs per mode")
     p.add_argument("--bytes-per-rep", type=parse_size, default=2**26, help="N = this / size")
     p.add_argument("--min-messages", type=int, default=8)
     p.add_argument("--max-messages", type=int, default=200)
     p.add_argument("--json", help="write the table rows and every repetition here")
+    p.add_argument(
+        "--quiet",
+        type=float,
+        default=0.3,
+        help="before each mode, wait until CPUs are at most this busy (0..1; 1: never)",
+    )
     return p.parse_args()
 
 
@@ -269,24 +318,25 @@ def main() -> None:
         for size in args.sizes
     ]
     results: list[Result] = []
-    loads: dict[str, float] = {}
-    for mode in args.modes:
-        loads[mode] = os.getloadavg()[0]  # other work on the machine skews every figure
-        started = time.perf_counter()
-        if mode in ("raw", "torch"):
-            results += run_torch(mode, plan, args.repeats)
-        elif mode in ("ray", "ray-zc"):
-            results += run_ray(mode, plan, args.repeats)
-        else:
-            raise SystemExit(f"unknown mode {mode!r}: raw, torch, ray, ray-zc")
-        elapsed = time.perf_counter() - started
-        print(f"{mode}: done in {elapsed:.1f}s (load at start {loads[mode]:.2f})", flush=True)
+    busy: dict[str, float] = {}
+    # Fresh processes per round: small-message latency differs from one launch to the next.
+    for rnd in range(args.rounds):
+        for mode in args.modes:
+            load = wait_quiet(args.quiet, timeout_s=600)  # other work skews every figure
+            busy[mode] = max(busy.get(mode, 0.0), load)
+            started = time.perf_counter()
+            run = run_torch if not mode.startswith("ray") else run_ray
+            results += run(mode, plan, args.repeats)
+            elapsed = time.perf_counter() - started
+            print(f"[{rnd + 1}] {mode}: {elapsed:.1f}s (CPUs busy before: {load:.2f})", flush=True)
     rows = summarise(results, args.modes, plan)
-    print(f"\nOne-way cost per message, median of {args.repeats} repeats, {os.cpu_count()} CPUs")
+    print(
+        f"\nOne-way cost per message: median of {args.rounds} rounds x {args.repeats} repeats, "
+        f"{os.cpu_count()} CPUs"
+    )
     print(markdown(rows))
     if args.json:
-        meta: dict[str, Any] = {"torch": torch.__version__, "ray": ray.__version__}
-        meta |= {"cpus": os.cpu_count(), "load1_at_mode_start": loads}
+        meta = machine() | {"cpu_busy_before_mode": busy}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "args": vars(args), "results": rows}, f, indent=2)
 

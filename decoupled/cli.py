@@ -1,5 +1,10 @@
 """``decoupled train CONFIG [KEY=VALUE ...] [--out DIR] [--resume [DIR]]``.
 
+``decoupled plot RUN_DIR [--out DIR]``: PNG plots of a run from its metrics.jsonl.
+
+``decoupled submit CONFIG [KEY=VALUE ...] [--address URL] [--no-wait]``: the same training as a
+Ray job on a cluster (decoupled/ray_runtime/submit.py); its exit code follows the job's.
+
 Exit codes: 0 success; 1 the run failed; 2 bad configuration, arguments, data files or checkpoint
 (one clear message, no traceback); 130 interrupted by Ctrl-C, 143 by SIGTERM (a checkpoint is
 written first).
@@ -22,6 +27,7 @@ from decoupled.config import Config, ConfigError, config_to_dict, load_config, s
 from decoupled.data import DataError, load_dataset
 from decoupled.interrupt import Interrupted, StopRequest
 from decoupled.metrics import write_summary
+from decoupled.ray_runtime import submit
 from decoupled.stage import NonFiniteError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -41,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="continue the run in DIR (default: --out) from its last complete checkpoint",
     )
+    plot = commands.add_parser("plot", help="PNG plots of a run folder's metrics.jsonl")
+    plot.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder")
+    plot.add_argument("--out", type=Path, help="where the PNGs go (default: RUN_DIR/plots)")
+    submit.add_parser(commands)
     return parser
 
 
@@ -88,7 +98,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"train loss {fmt(summary['train_loss'], '.4f')}, "
         f"test accuracy {fmt(summary['test_accuracy'], '.4f')}",
         f"{'stage':>5} {'samples/s':>10} {'busy':>6} {'wait s':>7} {'SG loss':>9} {'cosine':>7} "
-        f"{'stale':>6} {'dropped':>8}",
+        f"{'stale':>6} {'p90':>4} {'dropped':>8}",
     ]
     for s in summary["stages"]:
         dropped = (s.get("targets_dropped") or 0) + (s.get("targets_expired") or 0)
@@ -96,8 +106,13 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{s['index']:>5} {fmt(s.get('samples_per_s'), '.0f'):>10} "
             f"{fmt(s.get('busy_fraction'), '.2f'):>6} {fmt(s.get('input_wait_s'), '.2f'):>7} "
             f"{fmt(s.get('sg_loss'), '.2e'):>9} {fmt(s.get('sg_cosine'), '.3f'):>7} "
-            f"{fmt(s.get('staleness_mean'), '.1f'):>6} {dropped:>8}"
+            f"{fmt(s.get('staleness_mean'), '.1f'):>6} {fmt(s.get('staleness_p90'), '.0f'):>4} "
+            f"{dropped:>8}"
         )
+    wandb = summary.get("wandb")
+    if wandb:
+        where = wandb["url"] or f"{wandb['dir']} (offline; upload with `wandb sync`)"
+        lines.append(f"W&B run: {where}")
     return "\n".join(lines)
 
 
@@ -106,8 +121,23 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def plot(run_dir: Path, out: Path | None) -> int:
+    from decoupled.plot import NoMetrics, plot_run
+
+    try:
+        paths = plot_run(run_dir, out)
+    except NoMetrics as err:
+        return _fail(str(err), EXIT_USAGE)
+    print("\n".join(str(path) for path in paths))
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "plot":
+        return plot(args.run_dir, args.out)
+    if args.command == "submit":
+        return submit.run(args)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:

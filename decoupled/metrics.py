@@ -17,6 +17,7 @@ from typing import Any
 from tqdm import tqdm
 
 from decoupled.config import Config
+from decoupled.wandb_logger import WandbLogger
 
 PER_STAGE_KEYS = (
     "samples_per_s",
@@ -32,6 +33,14 @@ PER_STAGE_KEYS = (
     "targets_dropped",
     "targets_expired",
     "rss_mb",
+    # The whole run's staleness counts {steps: targets}; W&B shows each poll window's share as a
+    # histogram, the plots the final distribution.
+    "staleness_counts",
+    # Logged when a stage reports it (a restarted stage; CUDA stages: memory in MB, utilisation %).
+    "restarts",
+    "gpu_mem_mb",
+    "gpu_max_mem_mb",
+    "gpu_util",
 )
 
 
@@ -42,19 +51,37 @@ def stage_record(index: int, figures: dict[str, Any]) -> dict[str, Any]:
 
 def _jsonable(value: Any) -> Any:
     # JSON has no NaN/inf; a diverged figure is written as null rather than breaking the file.
+    # Nested too: summary.json's per-stage figures are a list of dicts.
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
     return value
 
 
 class RunLog:
-    """metrics.jsonl (flushed per record, so a crash keeps everything) and the progress bar."""
+    """metrics.jsonl (flushed per record, so a crash keeps everything), the progress bar and,
+    given the config, the job's W&B run, which receives every record too.
 
-    def __init__(self, out_dir: Path | None, total_steps: int, progress: bool) -> None:
+    ``finish(summary)`` ends the W&B run with the summary; leaving the ``with`` block on an
+    exception ends it as failed. A clean exit leaves it open for ``finish``, because the
+    trainers build the summary after the block."""
+
+    def __init__(
+        self,
+        out_dir: Path | None,
+        total_steps: int,
+        progress: bool,
+        cfg: Config | None = None,
+    ) -> None:
         self.out_dir = out_dir
-        self.start = time.perf_counter()
-        self._file = open(out_dir / "metrics.jsonl", "a") if out_dir is not None else None  # noqa: SIM115
         self._bar: tqdm[Any] | None = None
+        self._file = open(out_dir / "metrics.jsonl", "a") if out_dir is not None else None  # noqa: SIM115
+        # Before the clock starts: connecting to W&B is not training time.
+        self._wandb = WandbLogger.open(cfg, out_dir, self._warn) if cfg is not None else None
+        self.start = time.perf_counter()
         if progress:
             self._bar = tqdm(total=total_steps, unit="step", file=sys.stderr, dynamic_ncols=True)
         self._postfix: dict[str, str] = {}
@@ -67,7 +94,26 @@ class RunLog:
         if self._file is not None:
             self._file.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
             self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log(record)
         self._update_postfix(record)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """Send the summary to W&B and end its run; ``summary["wandb"]`` then says where it is
+        (id, url, local folder) so that summary.json can find it."""
+        if self._wandb is None:
+            return
+        wandb, self._wandb = self._wandb, None
+        if wandb.active:
+            summary["wandb"] = wandb.info
+        wandb.finish({k: v for k, v in summary.items() if k != "wandb"})
+
+    def _warn(self, message: str) -> None:
+        # Above the progress bar rather than through it.
+        if self._bar is not None:
+            self._bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr, flush=True)
 
     def advance(self, steps: int, position: int | None = None) -> None:
         if self._bar is not None:
@@ -89,13 +135,16 @@ class RunLog:
                 self._postfix[label] = f"{value:.4g}" if label != "samples/s" else f"{value:.0f}"
         self._bar.set_postfix(self._postfix, refresh=False)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
         if self._file is not None:
             self._file.close()
             self._file = None
+        if failed and self._wandb is not None:
+            self._wandb.finish(failed=True)
+            self._wandb = None
 
     def __enter__(self) -> RunLog:
         return self
@@ -103,7 +152,7 @@ class RunLog:
     def __exit__(
         self, exc: type[BaseException] | None, val: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.close()
+        self.close(failed=exc is not None)
 
 
 def build_summary(

@@ -37,7 +37,7 @@ def test_actors_reach_the_in_process_accuracy(
     cfg = digits_config(*common, f"runtime.transport={transport}")
     summary = train_on_ray(cfg, digits, tmp_path)
     expected = _local(digits, stages, method, common)
-    assert summary["test_accuracy"] >= expected - 0.03, (summary["test_accuracy"], expected)
+    assert summary["test_accuracy"] >= expected - 0.04, (summary["test_accuracy"], expected)
     assert summary["transport"] == ("ray" if transport == "ray" else "torch-gloo")
     assert [s["index"] for s in summary["stages"]] == list(range(stages))
     for figures in summary["stages"]:

@@ -1,0 +1,67 @@
+"""What the benchmarks share: how busy the machine is, and waiting for it to be quiet.
+
+On a small shared machine other processes can take a core from a benchmark; every measurement
+records how busy the CPUs were just before it, and ``wait_quiet`` holds a run back until they
+are (mostly) idle, so a figure is not silently a measurement of somebody else's test suite.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from typing import Any
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(idle + iowait, total) jiffies over all CPUs since boot, from /proc/stat."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
+    return fields[3] + fields[4], sum(fields)
+
+
+def cpu_busy(seconds: float = 1.0) -> float:
+    """Fraction of all CPUs busy over the next ``seconds`` (0..1); -1 where /proc is missing."""
+    try:
+        idle0, total0 = _cpu_times()
+        time.sleep(seconds)
+        idle1, total1 = _cpu_times()
+    except OSError:
+        return -1.0
+    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def wait_quiet(max_busy: float, timeout_s: float) -> float:
+    """Wait (up to ``timeout_s``) until the CPUs are at most ``max_busy`` busy; the last reading.
+
+    ``max_busy`` >= 1 disables the wait (one reading is still taken).
+    """
+    deadline = time.monotonic() + timeout_s
+    busy = cpu_busy()
+    while max_busy < 1.0 and busy > max_busy and time.monotonic() < deadline:
+        busy = cpu_busy(2.0)
+    return busy
+
+
+def machine() -> dict[str, Any]:
+    """CPU model and count, load averages, Python, torch and Ray versions."""
+    import ray
+    import torch
+
+    model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next(
+                (line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
+                model,
+            )
+    except OSError:
+        pass
+    return {
+        "cpu_model": model,
+        "cpus": os.cpu_count(),
+        "loadavg": os.getloadavg(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+    }
