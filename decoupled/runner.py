@@ -16,7 +16,7 @@ import os
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,7 @@ from decoupled.data import TrainStream, eval_batches
 from decoupled.schedule import Schedule
 from decoupled.stage import Stage
 
-POLL_S = 0.05
+POLL_S = 0.05  # how long a blocked receive waits before re-checking the stop flag
 _PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20 if hasattr(os, "sysconf") else 0.0
 
 
@@ -66,9 +66,6 @@ def gpu_figures(device: torch.device) -> dict[str, float]:
         except Exception:  # ModuleNotFoundError without pynvml; NVML errors on odd drivers
             _nvml_missing = True
     return figures
-
-
-# how long a blocked receive waits before re-checking the stop flag
 
 
 @dataclass
@@ -193,14 +190,9 @@ class StageRunner:
             message = self._next_input()
             if message is None:
                 continue
-            if message.kind is Kind.STOP:
-                self._send_forward(message)
-                return
-            if message.kind is Kind.EVAL:
-                self._evaluate(message)
-                continue
-            if message.kind is Kind.CHECKPOINT:
-                self._checkpoint(message.seq)
+            if message.kind is not Kind.TRAIN:
+                if self._control(message):
+                    return
                 continue
             result = stage.train_step(message.seq, message.activations, message.labels)
             if result.activations is not None:
@@ -216,18 +208,29 @@ class StageRunner:
                 self._after_step(message.seq, total)
 
     def _run_pipeline(self) -> None:
-        """GPipe with a flush: all micro-batches forward, all backward, then one update."""
+        """GPipe with a flush: all micro-batches forward, all backward, then one update.
+
+        A stage starts on each micro-batch as soon as it arrives, so stage k + 1 computes
+        micro-batch i while stage k computes micro-batch i + 1."""
         stage, m = self.stage, self.settings.micro_batches
         while not self._stop.is_set():
-            messages = self._pipeline_inputs(m)
-            if messages is None:
-                return
-            for micro, message in enumerate(messages):
-                result = stage.forward_hold(micro, message.activations, message.labels, m)
+            message = self._next_input()
+            if message is None:
+                continue
+            if message.kind is not Kind.TRAIN:
+                if self._control(message):
+                    return
+                continue
+            step = message.seq if stage.is_first else self.step
+            micro_batches = (
+                zip(message.activations.chunk(m), message.labels.chunk(m), strict=True)
+                if stage.is_first
+                else self._arriving_micro_batches(message, m)
+            )
+            for micro, (x, y) in enumerate(micro_batches):
+                result = stage.forward_hold(micro, x, y, m)
                 if result.activations is not None:
-                    self._send_forward(
-                        ForwardMessage(micro, Kind.TRAIN, result.activations, message.labels)
-                    )
+                    self._send_forward(ForwardMessage(micro, Kind.TRAIN, result.activations, y))
                 if result.target is not None and self.backward_out is not None:
                     self.backward_out.send(BackwardMessage(micro, result.target))
             if not stage.is_last:
@@ -237,40 +240,38 @@ class StageRunner:
                     if grad is not None and self.backward_out is not None:
                         self.backward_out.send(BackwardMessage(target.seq, grad))
             stage.apply_update()
-            self.step = messages[0].seq + 1 if stage.is_first else self.step + 1
+            self.step = step + 1
             if stage.is_first:
-                self._after_step(self.step - 1, self.settings.schedule.total_steps)
+                self._after_step(step, self.settings.schedule.total_steps)
 
-    def _pipeline_inputs(self, m: int) -> list[ForwardMessage] | None:
-        """The m micro-batches of the next batch, handling EVAL and STOP messages before them."""
-        if self.stage.is_first:
+    def _arriving_micro_batches(
+        self, first: ForwardMessage, m: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``first`` and the batch's other m - 1 micro-batches, each as soon as it arrives."""
+        yield first.activations, first.labels
+        for _ in range(m - 1):
             message = self._next_input()
-            if message is None or message.kind is Kind.STOP:
-                if message is not None:
-                    self._send_forward(message)
-                return None
-            xs, ys = message.activations.chunk(m), message.labels.chunk(m)
-            return [
-                ForwardMessage(self.step, Kind.TRAIN, x, y) for x, y in zip(xs, ys, strict=True)
-            ]
-        messages: list[ForwardMessage] = []
-        while len(messages) < m:
-            message = self._next_input()
-            if message is None:
+            while message is None:
                 if self._stop.is_set():
-                    return None
-                continue
-            if message.kind is Kind.STOP:
-                self._send_forward(message)
-                return None
-            if message.kind is Kind.EVAL:
-                self._evaluate(message)
-                continue
-            if message.kind is Kind.CHECKPOINT:
-                self._checkpoint(message.seq)
-                continue
-            messages.append(message)
-        return messages
+                    raise ChannelClosed("stopped in the middle of a batch")
+                message = self._next_input()
+            if message.kind is not Kind.TRAIN:
+                # Stage 0 emits markers, evaluations and STOP only between whole batches.
+                raise RuntimeError(
+                    f"stage {self.stage.index}: {message.kind.name} message inside a batch"
+                )
+            yield message.activations, message.labels
+
+    def _control(self, message: ForwardMessage) -> bool:
+        """Handle a STOP, EVAL or CHECKPOINT message; True when the loop must end (STOP)."""
+        if message.kind is Kind.STOP:
+            self._send_forward(message)
+            return True
+        if message.kind is Kind.EVAL:
+            self._evaluate(message)
+        elif message.kind is Kind.CHECKPOINT:
+            self._checkpoint(message.seq)
+        return False
 
     # -- pieces ------------------------------------------------------------------------------
     def _next_input(self) -> ForwardMessage | None:

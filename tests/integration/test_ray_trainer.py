@@ -64,6 +64,18 @@ def test_lockstep_actors_reproduce_the_in_process_trainer(digits: Dataset, trans
     cfg = digits_config(*common, "runtime.lockstep=true", f"runtime.transport={transport}")
     states = _states(RayJob(cfg, digits))
     local = LocalTrainer(digits_config(*common, "runtime.backend=local"), digits)
+    _one_thread_reference(local)
+    for state, stage in zip(states, local.stages, strict=True):
+        expected = stage.state_dict()
+        for part in ("module", "synthesizer"):
+            if part not in expected:
+                continue
+            for name, value in expected[part].items():
+                actual = state[part][name]
+                assert torch.allclose(actual, value, rtol=1e-5, atol=1e-6), f"{part}.{name}"
+
+
+def _one_thread_reference(local: LocalTrainer) -> None:
     # The actors run one torch thread each (runtime.cpus_per_stage=1). Another thread count
     # reorders float reductions, and Adam turns that noise on the near-zero early synthetic
     # gradients into lr-sized steps: equal thread counts are part of "the same computation".
@@ -73,14 +85,27 @@ def test_lockstep_actors_reproduce_the_in_process_trainer(digits: Dataset, trans
         local.run()
     finally:
         torch.set_num_threads(threads)
-    for state, stage in zip(states, local.stages, strict=True):
-        expected = stage.state_dict()
-        for part in ("module", "synthesizer"):
-            if part not in expected:
-                continue
-            for name, value in expected[part].items():
-                actual = state[part][name]
-                assert torch.allclose(actual, value, rtol=1e-5, atol=1e-6), f"{part}.{name}"
+
+
+@pytest.mark.parametrize("transport", ["torch", "ray"])
+def test_pipeline_actors_equal_backprop(digits: Dataset, transport: str) -> None:
+    """GPipe on three actors, micro-batches streamed between them, is backprop's update."""
+    common = ["model.batch_norm=false", "train.steps=8", "optim.lr=0.01", "model.hidden=64"]
+    cfg = digits_config(
+        *common,
+        "method.name=pipeline",
+        "stages=3",
+        "method.micro_batches=4",
+        f"runtime.transport={transport}",
+    )
+    states = _states(RayJob(cfg, digits))
+    local = LocalTrainer(digits_config(*common, "method.name=backprop"), digits)
+    _one_thread_reference(local)
+    expected = [v for stage in local.stages for v in stage.state_dict()["module"].values()]
+    actual = [v for state in states for v in state["module"].values()]
+    assert len(actual) == len(expected)
+    for a, b in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("transport", ["torch", "ray"])
