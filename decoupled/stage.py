@@ -16,6 +16,7 @@ synthesizer M_{i+1} with its own optimizer and a bounded history of its outputs.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter, deque
 from collections.abc import Iterable
@@ -238,12 +239,15 @@ class Stage:
         target = target.to(self.device, non_blocking=True)
         prediction = self.synthesizer(entry.activations, entry.labels)
         loss = F.mse_loss(prediction, target)
+        sg_loss = float(loss.detach())
+        if not math.isfinite(sg_loss):
+            # An inf/NaN target (an overflowed true gradient, say) would poison M in one step.
+            raise NonFiniteError(f"stage {self.index}: non-finite SG loss at step {seq}")
         self.sg_optimizer.zero_grad(set_to_none=True)
         torch.autograd.backward(loss)
         self.sg_optimizer.step()
         stats = self.stats
         stats.sg_updates += 1
-        sg_loss = float(loss.detach())
         cosine = float(F.cosine_similarity(prediction.detach().flatten(), target.flatten(), dim=0))
         stats._sg_loss.append(sg_loss)
         stats._cosine.append(cosine)

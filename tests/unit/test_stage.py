@@ -158,3 +158,16 @@ def test_non_finite_activation_stops_with_a_clear_error(digits: Dataset) -> None
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match="stage 0: non-finite activation at step 7"):
         stage.train_step(7, x, digits.train_y[:8])
+
+
+def test_infinite_target_stops_before_the_synthesizer_moves(digits: Dataset) -> None:
+    stage = build_stage(small_config(["method.name=dni", "stages=2"]), 0, digits.input_shape, 10)
+    result = stage.train_step(3, digits.train_x[:8], digits.train_y[:8])
+    assert result.activations is not None and stage.synthesizer is not None
+    before = [p.detach().clone() for p in stage.synthesizer.parameters()]
+    target = torch.zeros_like(result.activations)
+    target[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match="stage 0: non-finite SG loss at step 3"):
+        stage.train_synthesizer(3, target)
+    for p, b in zip(stage.synthesizer.parameters(), before, strict=True):
+        assert torch.equal(p, b)
