@@ -94,7 +94,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [
         f"{summary['method']} on {summary['dataset']}, {summary['num_stages']} stage(s), "
         f"{summary['steps']} steps in {summary['wall_s']:.1f}s "
-        f"({fmt(summary['samples_per_s'], '.0f')} samples/s)",
+        f"({fmt(summary['samples_per_s'], '.0f')} samples/s, "
+        f"{fmt(summary.get('steady_samples_per_s'), '.0f')} in the steady state)",
         f"train loss {fmt(summary['train_loss'], '.4f')}, "
         f"test accuracy {fmt(summary['test_accuracy'], '.4f')}",
         f"{'stage':>5} {'samples/s':>10} {'busy':>6} {'wait s':>7} {'SG loss':>9} {'cosine':>7} "

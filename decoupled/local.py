@@ -19,7 +19,7 @@ from decoupled.checkpoint import Cut, commit_cut, load_stage, save_stage
 from decoupled.config import Config, config_to_dict
 from decoupled.data import Dataset, TrainStream, eval_batches
 from decoupled.interrupt import Interrupted, StopRequest
-from decoupled.metrics import RunLog, build_summary, stage_record
+from decoupled.metrics import RunLog, build_summary, stage_record, steady_samples_per_s
 from decoupled.schedule import Schedule
 from decoupled.stage import Stage
 
@@ -130,6 +130,7 @@ class LocalTrainer:
                         }
                     )
             wall_s = log.wall_s()
+            progress = log.progress
         summary = build_summary(
             self.cfg,
             num_stages=len(self.stages),
@@ -139,6 +140,9 @@ class LocalTrainer:
             train_loss=last_train_loss,
             test_accuracy=test.get("test_accuracy"),
             stages=[self._stage_figures(stage, wall_s) for stage in self.stages],
+            steady_samples_per_s=steady_samples_per_s(
+                progress, self.start_step, schedule.total_steps, batch
+            ),
             extra={"test_loss": test.get("test_loss")},
         )
         log.finish(summary)

@@ -43,6 +43,52 @@ PER_STAGE_KEYS = (
     "gpu_util",
 )
 
+# summary.json's per-stage figures: a stage's identity and placement, what it did over the run,
+# and the logged figures that describe a whole run (the staleness counts stay in the metrics).
+SUMMARY_STAGE_KEYS = (
+    "index",
+    "steps",
+    "device",
+    "node_ip",
+    "node_id",
+    "target_wait_s",
+    "sg_updates",
+    "sg_compute_s",
+    *(k for k in PER_STAGE_KEYS if k != "staleness_counts"),
+)
+OPTIONAL_STAGE_KEYS = frozenset({"restarts", "gpu_mem_mb", "gpu_max_mem_mb", "gpu_util"})
+
+# The steady-state window of a run opens at this fraction of its steps: actor start-up, the
+# pipeline fill and early evaluations fall before it.
+STEADY_FROM = 0.2
+
+
+def summary_stage_figures(final: dict[str, Any]) -> dict[str, Any]:
+    """The per-stage entry of summary.json from a stage's final figures (None where unknown;
+    GPU figures and restarts only where the stage reported them)."""
+    return {
+        k: final.get(k)
+        for k in SUMMARY_STAGE_KEYS
+        if k not in OPTIONAL_STAGE_KEYS or final.get(k) is not None
+    }
+
+
+def steady_samples_per_s(
+    progress: list[tuple[int, float]], first_step: int, total_steps: int, batch: int
+) -> float | None:
+    """Samples/s between the first progress point at or past ``STEADY_FROM`` of the run's steps
+    and the last point before its end; None when the run logged too few points.
+
+    progress: (step, wall_s) of every train record, in order.
+    """
+    opens = first_step + STEADY_FROM * (total_steps - first_step)
+    inside = [(step, t) for step, t in progress if first_step < step < total_steps]
+    start = next(((step, t) for step, t in inside if step >= opens), None)
+    if start is None or inside[-1][0] <= start[0] or inside[-1][1] <= start[1]:
+        return None
+    end = inside[-1]
+    return (end[0] - start[0]) * batch / (end[1] - start[1])
+
 
 def stage_record(index: int, figures: dict[str, Any]) -> dict[str, Any]:
     """``{"stage{i}/key": value}`` for the per-stage figures that are set."""
@@ -85,12 +131,15 @@ class RunLog:
         if progress:
             self._bar = tqdm(total=total_steps, unit="step", file=sys.stderr, dynamic_ncols=True)
         self._postfix: dict[str, str] = {}
+        self.progress: list[tuple[int, float]] = []  # (step, wall_s) of every train record
 
     def wall_s(self) -> float:
         return time.perf_counter() - self.start
 
     def write(self, record: dict[str, Any]) -> None:
         record = {"wall_s": round(self.wall_s(), 4), **record}
+        if record.get("event") == "train":
+            self.progress.append((record["step"], record["wall_s"]))
         if self._file is not None:
             self._file.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
             self._file.flush()
@@ -165,9 +214,13 @@ def build_summary(
     train_loss: float | None,
     test_accuracy: float | None,
     stages: list[dict[str, Any]],
+    steady_samples_per_s: float | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The summary.json contract of DESIGN.md, plus the run's identity."""
+    """The summary.json contract of DESIGN.md, plus the run's identity.
+
+    ``samples_per_s`` covers the whole call (start-up and evaluations included);
+    ``steady_samples_per_s`` the middle of the run (see ``steady_samples_per_s``)."""
     summary: dict[str, Any] = {
         "method": cfg.method.name,
         "stages": stages,
@@ -178,6 +231,7 @@ def build_summary(
         "samples": samples,
         "wall_s": wall_s,
         "samples_per_s": samples / wall_s if wall_s > 0 else None,
+        "steady_samples_per_s": steady_samples_per_s,
         "train_loss": train_loss,
         "test_accuracy": test_accuracy,
         **(extra or {}),

@@ -29,7 +29,13 @@ from decoupled.checkpoint import Cut, commit_cut, latest_cut
 from decoupled.config import Config, config_to_dict
 from decoupled.data import Dataset, TrainStream
 from decoupled.interrupt import Interrupted, StopRequest
-from decoupled.metrics import RunLog, build_summary, stage_record
+from decoupled.metrics import (
+    RunLog,
+    build_summary,
+    stage_record,
+    steady_samples_per_s,
+    summary_stage_figures,
+)
 from decoupled.models import activation_shapes, build_stage_modules
 from decoupled.ray_runtime.actor import StageActor
 from decoupled.ray_runtime.plan import StageResources, choose_transport, plan_resources
@@ -103,6 +109,9 @@ class RayJob:
         self.actors: list[Any] = []
         self.described: list[dict[str, Any]] = []
         self.pg: Any = None
+        # Indices of actors known dead. Teardown asks them nothing: a call to an actor whose node
+        # is gone fails only after Ray has waited for news of its death, seconds per call.
+        self._lost: set[int] = set()
         self.transport: tuple[str, str] = ("", "")
         self.resources: StageResources | None = None
         self._saved: dict[int, set[int]] = {}  # step -> stages whose part of that cut is written
@@ -180,6 +189,7 @@ class RayJob:
                 f"stage actors did not answer {method!r} within {timeout:g}s"
             ) from err
         except ray.exceptions.RayActorError as err:
+            self._lost.update(_dead(refs))
             raise StageFailed(f"a stage actor died during {method!r}: {err}") from err
 
     # -- the run -------------------------------------------------------------------------------
@@ -198,8 +208,9 @@ class RayJob:
                         raise
                     self._restart(run_log, failure)
             wall_s = run_log.wall_s()
+            progress = run_log.progress
         plane, backend = self.transport
-        stages = [_summary_figures(f) | {"restarts": self.restarts} for f in finals]
+        stages = [summary_stage_figures(f | {"restarts": self.restarts}) for f in finals]
         summary = build_summary(
             cfg,
             num_stages=self.k,
@@ -209,6 +220,9 @@ class RayJob:
             train_loss=self._train_loss,
             test_accuracy=self._test.get("test_accuracy"),
             stages=stages,
+            steady_samples_per_s=steady_samples_per_s(
+                progress, self.first_step, self.schedule.total_steps, cfg.data.batch_size
+            ),
             extra={
                 "test_loss": self._test.get("test_loss"),
                 "transport": plane if plane == "ray" else f"{plane}-{backend}",
@@ -222,7 +236,8 @@ class RayJob:
 
     def _restart(self, run_log: RunLog, failure: StageFailed) -> None:
         self.restarts += 1
-        self.teardown()
+        # Only this controller seals cuts, so the cut to restart from is known before the
+        # teardown: the restart is reported when the failure is noticed.
         self._saved.clear()
         if self.checkpoints is not None:
             self._last_cut = latest_cut(self.checkpoints) or self._last_cut
@@ -244,6 +259,7 @@ class RayJob:
                 "reason": reason,
             }
         )
+        self.teardown()
 
     def _watch(self, run_log: RunLog) -> None:
         """Poll until every stage is done; seal cuts; raise on failure, stall or signal."""
@@ -346,44 +362,37 @@ class RayJob:
         """Stop and release everything this job started, bounded in time whatever its state."""
         if self.actors:
             # Short waits: a hung actor answers none of these, and a restart waits on them.
-            stops = [actor.stop.remote() for actor in self.actors]
-            ray.wait(stops, num_returns=len(stops), timeout=2)
-            shutdowns = [actor.shutdown.remote() for actor in self.actors]
-            ray.wait(shutdowns, num_returns=len(shutdowns), timeout=5)
-            # A graceful exit first (a kill makes Ray print the actor's SystemExit), then a kill
-            # for any actor that is stuck.
-            exits = [actor.__ray_terminate__.remote() for actor in self.actors]
-            ray.wait(exits, num_returns=len(exits), timeout=3)
+            alive = [a for i, a in enumerate(self.actors) if i not in self._lost]
+            if alive:
+                stops = [actor.stop.remote() for actor in alive]
+                ray.wait(stops, num_returns=len(stops), timeout=2)
+                shutdowns = [actor.shutdown.remote() for actor in alive]
+                ray.wait(shutdowns, num_returns=len(shutdowns), timeout=5)
+                # A graceful exit first (a kill makes Ray print the actor's SystemExit), then a
+                # kill for any actor that is stuck.
+                exits = [actor.__ray_terminate__.remote() for actor in alive]
+                ray.wait(exits, num_returns=len(exits), timeout=3)
             for actor in self.actors:
                 ray.kill(actor)
             self.actors = []
+            self._lost.clear()
         if self.pg is not None:
             remove_placement_group(self.pg)
             self.pg = None
 
 
-def _summary_figures(final: dict[str, Any]) -> dict[str, Any]:
-    keep = (
-        "index",
-        "samples_per_s",
-        "busy_fraction",
-        "input_wait_s",
-        "target_wait_s",
-        "channel_depth",
-        "sg_loss",
-        "sg_cosine",
-        "sg_updates",
-        "sg_compute_s",
-        "staleness_mean",
-        "staleness_p50",
-        "staleness_p90",
-        "staleness_max",
-        "targets_dropped",
-        "targets_expired",
-        "steps",
-        "device",
-        "node_ip",
-        "node_id",
-        "rss_mb",
-    )
-    return {key: final.get(key) for key in keep}
+def _dead(refs: list[Any]) -> set[int]:
+    """Indices of the calls that have already failed because their actor died or cannot be
+    reached (its node lost)."""
+    dead = set()
+    for i, ref in enumerate(refs):
+        ready, _ = ray.wait([ref], timeout=0)
+        if not ready:
+            continue
+        try:
+            ray.get(ref, timeout=0)
+        except ray.exceptions.RayActorError:
+            dead.add(i)
+        except Exception:  # the stage's own error: its actor is alive
+            pass
+    return dead
