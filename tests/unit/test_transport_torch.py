@@ -219,7 +219,9 @@ _FORWARD_SPECS: list[tuple[int, Kind, tuple[int, ...], torch.dtype]] = [
     (3, Kind.TRAIN, (8, 5), torch.float64),
     (4, Kind.TRAIN, (8, 6), torch.float32),
     (5, Kind.EVAL, (0, 5), torch.float32),
-    (6, Kind.STOP, (1, 5), torch.float32),
+    # More labels than the header carries: they travel as a tensor of their own.
+    (6, Kind.TRAIN, (tt.INLINE_LABELS + 1, 2), torch.float32),
+    (7, Kind.STOP, (1, 5), torch.float32),
 ]
 
 
