@@ -14,21 +14,77 @@ from __future__ import annotations
 import collections
 import threading
 import time
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import ray
+import torch
 
-from decoupled.channel import BackwardMessage, ForwardMessage, LocalChannel, Message, Policy
+from decoupled.channel import BackwardMessage, ForwardMessage, Kind, LocalChannel, Message, Policy
+
+# The receiving stage maps activations and targets straight from the object store (read-only,
+# see ``_WireTensor``): it only reads them, so the copy torch would make is not needed.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
-def _to_host(message: Message) -> Message:
-    # CUDA tensors go through the object store as host memory (GPU -> CPU -> GPU); the
-    # receiving stage moves them to its own device.
-    if isinstance(message, ForwardMessage):
+@dataclass(frozen=True)
+class _WireTensor:
+    """A tensor as the object store carries it: its bytes as a flat uint8 numpy array.
+
+    Pickle 5 ships numpy buffers out of band, so Ray writes the bytes into the object store
+    once and the receiver reads them in place; a pickled torch tensor is copied on both ends.
+    """
+
+    data: np.ndarray  # (nbytes,) uint8
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @staticmethod
+    def pack(tensor: torch.Tensor) -> _WireTensor:
+        # CUDA tensors travel as host memory (GPU -> CPU -> GPU): the receiving stage moves
+        # them to its own device.
+        host = tensor.detach().cpu().contiguous()
+        return _WireTensor(host.reshape(-1).view(torch.uint8).numpy(), host.dtype, host.shape)
+
+    def unpack(self, copy: bool = False) -> torch.Tensor:
+        """The tensor; read-only memory of the object store unless ``copy``."""
+        tensor = torch.from_numpy(self.data).view(self.dtype).reshape(self.shape)
+        return tensor.clone() if copy else tensor
+
+
+@dataclass(frozen=True)
+class _Wire:
+    """A ``Message`` on its way: seq and kind as they are, the tensors as ``_WireTensor``."""
+
+    forward: bool
+    seq: int
+    kind: Kind
+    payload: _WireTensor
+    labels: _WireTensor | None
+
+    @staticmethod
+    def pack(message: Message) -> _Wire:
+        if isinstance(message, ForwardMessage):
+            return _Wire(
+                True,
+                message.seq,
+                message.kind,
+                _WireTensor.pack(message.activations),
+                _WireTensor.pack(message.labels),
+            )
+        return _Wire(False, message.seq, Kind.TRAIN, _WireTensor.pack(message.target), None)
+
+    def unpack(self) -> Message:
+        if not self.forward:
+            return BackwardMessage(self.seq, self.payload.unpack())
+        assert self.labels is not None
+        # Labels are copied: a stage keeps them in its history for many steps, and a view
+        # would pin the whole message (activations included) in the object store meanwhile.
         return ForwardMessage(
-            message.seq, message.kind, message.activations.cpu(), message.labels.cpu()
+            self.seq, self.kind, self.payload.unpack(), self.labels.unpack(copy=True)
         )
-    return BackwardMessage(message.seq, message.target.cpu())
 
 
 class RaySender:
@@ -48,7 +104,7 @@ class RaySender:
             if not ready:
                 raise TimeoutError(f"neighbour accepted nothing for {timeout}s")
             ray.get(self._in_flight.popleft())  # surfaces the neighbour's death here
-        self._in_flight.append(self._call.remote(self._next, _to_host(message)))
+        self._in_flight.append(self._call.remote(self._next, _Wire.pack(message)))
         self._next += 1
 
     def close(self, timeout: float = 10.0) -> None:
@@ -66,7 +122,8 @@ class OrderedInbox:
         self._next = 0
         self._turn = threading.Condition()
 
-    def deliver(self, number: int, message: Message, timeout: float) -> None:
+    def deliver(self, number: int, wire: _Wire, timeout: float) -> None:
+        message = wire.unpack()
         with self._turn:
             if not self._turn.wait_for(lambda: self._next == number, timeout):
                 raise TimeoutError(f"delivery {self._next} never arrived (waited in {number})")
