@@ -1,4 +1,5 @@
-"""What the benchmarks share: how busy the machine is, and waiting for it to be quiet.
+"""What the benchmarks share: how busy the machine is, waiting for it to be quiet, and the
+steady-state rate of a run.
 
 On a small shared machine other processes can take a core from a benchmark; every measurement
 records how busy the CPUs were just before it, and ``wait_quiet`` holds a run back until they
@@ -11,6 +12,10 @@ import os
 import platform
 import time
 from typing import Any
+
+from decoupled.metrics import STEADY_FROM, steady_samples_per_s
+
+__all__ = ["STEADY_FROM", "cpu_busy", "machine", "steady_rate", "wait_quiet"]
 
 
 def _cpu_times() -> tuple[int, int]:
@@ -65,3 +70,13 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "ray": ray.__version__,
     }
+
+
+def steady_rate(records: list[dict[str, Any]], total_steps: int, batch: int) -> float:
+    """``summary.json``'s steady_samples_per_s, from ``metrics.jsonl`` records; raises when the
+    run logged too few of them."""
+    progress = [(r["step"], r["wall_s"]) for r in records if r.get("event") == "train"]
+    rate = steady_samples_per_s(progress, 0, total_steps, batch)
+    if rate is None:
+        raise RuntimeError("too few progress records: raise --steps")
+    return rate

@@ -1,4 +1,5 @@
-"""Training throughput (samples/s) through the real trainer: backprop, pipeline, DNI, cDNI.
+"""Training throughput (samples/s) through the real trainer: backprop, pipeline, DNI, cDNI, and the
+peer ``torch.distributed.pipelining`` (GPipe, 1F1B) on the same workers.
 
 Every case runs ``decoupled.ray_runtime.controller.train_on_ray`` (one Ray instance for the whole
 benchmark, started here) on an 8x1024 FCN with batch 256 on the embedded digits, one torch thread
@@ -9,8 +10,13 @@ the end (so actor start-up, pipeline fill and the final evaluation are excluded)
 interleaved (every case once, then again) so that load drift hits every case alike; before each
 run the script waits until the CPUs are mostly idle (``--quiet``) and records how busy they were.
 
+The peer cases (``gpipe K=k peer``, ``1f1b K=k peer``; see ``peer_pipelining.py``) run the same
+model split, data, batch, micro-batches and optimizer as ``pipeline`` in K one-CPU Ray actors over
+gloo; their steady rate is read the same way, from their last stage's clock at every step.
+
     .venv/bin/python bench/throughput.py                      # K=2, 200 steps, 3 repeats
     .venv/bin/python bench/throughput.py --stages 2 4 --steps 300 --json runs/bench/tp.json
+    .venv/bin/python bench/throughput.py --only peer pipeline    # the peer, ours, and the baseline
 
 K stages on K workers need K free cores: on a 2-core machine only K=2 measures scaling.
 """
@@ -29,21 +35,20 @@ from typing import Any
 
 import ray
 import torch
-from common import machine, wait_quiet
+from common import STEADY_FROM, machine, steady_rate, wait_quiet
+from peer_pipelining import SCHEDULES, run_peer, stage_figures, train_records
 
 from decoupled.config import Config, parse_config
 from decoupled.data import Dataset, load_dataset
 from decoupled.local import LocalTrainer
 from decoupled.ray_runtime.controller import train_on_ray
 
-STEADY_FROM = 0.2  # fraction of the run skipped before the steady-state window opens
-
 
 @dataclass(frozen=True)
 class Case:
-    method: str
+    method: str  # a method.name, or a peer schedule ("gpipe", "1f1b")
     stages: int
-    transport: str  # "torch", "ray", or "local" (in this process)
+    transport: str  # "torch", "ray", "local" (in this process) or "peer"
 
     @property
     def label(self) -> str:
@@ -51,8 +56,11 @@ class Case:
 
 
 def make_config(case: Case, args: argparse.Namespace) -> Config:
+    # The peer trains what our pipeline trains: the same config, only run by a peer schedule.
+    method = "pipeline" if case.transport == "peer" else case.method
+    transport = {"local": "ray", "peer": "torch"}.get(case.transport, case.transport)
     overrides = [
-        f"method.name={case.method}",
+        f"method.name={method}",
         f"stages={case.stages}",
         "data.name=digits",
         f"data.batch_size={args.batch}",
@@ -65,26 +73,40 @@ def make_config(case: Case, args: argparse.Namespace) -> Config:
         "train.progress=false",
         "runtime.cpus_per_stage=1",
         f"runtime.backend={'local' if case.transport == 'local' else 'ray'}",
-        f"runtime.transport={'ray' if case.transport == 'local' else case.transport}",
+        f"runtime.transport={transport}",
         *args.set,
     ]
     return parse_config({}, overrides, source="bench")
 
 
-def steady_rate(metrics: Path, total_steps: int, batch: int) -> float:
-    """Samples/s from the first record at >= STEADY_FROM of the run to the last before the end."""
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
-    train = [r for r in records if r.get("event") == "train" and 0 < r["step"] < total_steps]
-    start = next((r for r in train if r["step"] >= STEADY_FROM * total_steps), None)
-    if start is None or train[-1]["step"] <= start["step"]:
-        raise RuntimeError(f"too few progress records in {metrics}: raise --steps")
-    end = train[-1]
-    return float((end["step"] - start["step"]) * batch / (end["wall_s"] - start["wall_s"]))
+def run_peer_case(case: Case, cfg: Config, dataset: Dataset, busy: float) -> dict[str, Any]:
+    """The peer once, in the shape of ``run_case``'s result. End-to-end: from the call (actor
+    start-up included, as in our summaries) until the last step of every stage is done."""
+    steps = cfg.train.steps or 0
+    started = time.perf_counter()
+    # Generous (a step takes well under a second here), but a hung gloo wait still ends the run.
+    timeout_s = cfg.runtime.timeout_s + 2.0 * steps
+    result = run_peer(cfg, case.method, dataset, steps, timeout_s=timeout_s)
+    total_s = time.perf_counter() - started
+    records = train_records(result)
+    losses = result["stages"][-1]["losses"]
+    return {
+        "steady_samples_per_s": steady_rate(records, steps, cfg.data.batch_size),
+        "summary_samples_per_s": steps * cfg.data.batch_size / result["train_s"],
+        "call_s": total_s,
+        "cpu_busy_before": busy,
+        "test_accuracy": None,  # the peer is timed, not evaluated
+        "train_loss_first": losses[0],
+        "train_loss": losses[-1],
+        "stages": stage_figures(result, cfg.data.batch_size),
+    }
 
 
 def run_case(case: Case, cfg: Config, dataset: Dataset, quiet: float) -> dict[str, Any]:
     """Train once; the steady rate, the end-to-end rate and the per-stage figures."""
     busy = wait_quiet(quiet, timeout_s=600)  # other work skews every figure: wait, and record
+    if case.transport == "peer":
+        return run_peer_case(case, cfg, dataset, busy)
     with tempfile.TemporaryDirectory(prefix="bench-tp-") as tmp:
         out = Path(tmp)
         started = time.perf_counter()
@@ -93,7 +115,9 @@ def run_case(case: Case, cfg: Config, dataset: Dataset, quiet: float) -> dict[st
         else:
             summary = train_on_ray(cfg, dataset, out)
         total_s = time.perf_counter() - started
-        steady = steady_rate(out / "metrics.jsonl", cfg.train.steps or 0, cfg.data.batch_size)
+        metrics = (out / "metrics.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in metrics]
+        steady = steady_rate(records, cfg.train.steps or 0, cfg.data.batch_size)
     stages = []
     for s in summary["stages"]:
         steps = max(int(s.get("steps") or 0), 1)
@@ -115,15 +139,22 @@ def run_case(case: Case, cfg: Config, dataset: Dataset, quiet: float) -> dict[st
         "call_s": total_s,  # train_on_ray, start-up and teardown included
         "cpu_busy_before": busy,
         "test_accuracy": summary.get("test_accuracy"),
+        "train_loss": summary.get("train_loss"),
         "stages": stages,
     }
 
 
-def cases_for(stages: list[int]) -> list[Case]:
+def cases_for(stages: list[int], micro_batches: int) -> list[Case]:
     cases = [Case("backprop", 1, "local"), Case("backprop", 1, "ray")]
     for k in stages:
         for method in ("pipeline", "dni", "cdni"):
             cases += [Case(method, k, "torch"), Case(method, k, "ray")]
+        for schedule in SCHEDULES:
+            if schedule == "1f1b" and micro_batches < k:
+                # Schedule1F1B refuses fewer micro-batches than stages; say so, not fail later.
+                print(f"skipping 1f1b K={k} peer: it needs --micro-batches >= {k}")
+                continue
+            cases.append(Case(schedule, k, "peer"))
     return cases
 
 
@@ -169,11 +200,16 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         for s in r["typical_run"]["stages"]:
             lines.append(
-                f"| {r['case']} | {s['index']} | {s['busy_fraction']:.2f} | "
-                f"{s['compute_ms_per_step']:.1f} | {s['sg_ms_per_step']:.1f} | "
-                f"{s['input_wait_fraction']:.2f} | {s['samples_per_s']:.0f} |"
+                f"| {r['case']} | {s['index']} | {_cell(s['busy_fraction'], '.2f')} | "
+                f"{_cell(s['compute_ms_per_step'], '.1f')} | {_cell(s['sg_ms_per_step'], '.1f')} "
+                f"| {_cell(s['input_wait_fraction'], '.2f')} | {_cell(s['samples_per_s'], '.0f')} |"
             )
     return "\n".join(lines)
+
+
+def _cell(value: float | None, spec: str) -> str:
+    """A table cell; "-" for a figure a case does not have (the peer's SG time, input wait)."""
+    return "-" if value is None else format(value, spec)
 
 
 def parse_args() -> argparse.Namespace:
@@ -201,7 +237,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)  # the in-process reference: one thread, like each actor
-    cases = cases_for(args.stages)
+    cases = cases_for(args.stages, args.micro_batches)
     if args.only:  # backprop on Ray stays in: it is the baseline of every ratio
         keep = [c for c in cases if any(word in c.label for word in args.only)]
         cases = [c for c in cases if c.label == "backprop K=1 ray" or c in keep]
@@ -232,7 +268,8 @@ def main() -> None:
     rows = [aggregate(case, runs[case], base) for case in cases]
     print(
         f"\nSteady state: samples/s from metrics.jsonl between {STEADY_FROM:.0%} of the steps and "
-        f"the last record before the end; end-to-end: summary samples_per_s (with start-up).\n"
+        f"the last record before the end (peer: its last stage's clock at every step); "
+        f"end-to-end: summary samples_per_s (with start-up).\n"
         f"{args.layers}x{args.hidden} FCN, batch {args.batch}, {args.steps} steps, "
         f"{args.repeats} repeats; ratios to backprop in one Ray actor. Per-stage figures: the "
         f"run closest to the median (busy = compute / loop time; input wait = share of it).\n"

@@ -44,7 +44,7 @@ from torch.distributed import Work
 
 from decoupled.channel import ForwardMessage, Kind, Policy
 from decoupled.config import RuntimeConfig
-from decoupled.ray_runtime.transport_ray import OrderedInbox, RaySender
+from decoupled.ray_runtime.transport_ray import OrderedInbox, RaySender, WireMessage
 from decoupled.ray_runtime.transport_torch import (
     TorchReceiver,
     TorchSender,
@@ -181,7 +181,7 @@ class Consumer:
         self.thread: threading.Thread | None = None
         self.last = 0.0
 
-    def deliver_forward(self, number: int, message: ForwardMessage) -> None:
+    def deliver_forward(self, number: int, message: WireMessage) -> None:
         self.inbox.deliver(number, message, 60.0)
 
     def expect(self, n: int) -> None:

@@ -20,7 +20,7 @@ from decoupled.channel import Policy, Receiver, Sender
 from decoupled.checkpoint import Cut, load_stage, save_stage
 from decoupled.config import parse_config
 from decoupled.data import TrainStream, load_dataset
-from decoupled.ray_runtime.transport_ray import OrderedInbox, RaySender
+from decoupled.ray_runtime.transport_ray import OrderedInbox, RaySender, WireMessage
 from decoupled.ray_runtime.transport_torch import (
     TorchReceiver,
     TorchSender,
@@ -103,10 +103,10 @@ class StageActor:
             self._edges["forward_out"] = RaySender(following, "deliver_forward", capacity)
             self._edges["backward_in"] = self.inbox_backward.channel
 
-    def deliver_forward(self, number: int, message: Any) -> None:
+    def deliver_forward(self, number: int, message: WireMessage) -> None:
         self.inbox_forward.deliver(number, message, self.cfg.runtime.timeout_s)
 
-    def deliver_backward(self, number: int, message: Any) -> None:
+    def deliver_backward(self, number: int, message: WireMessage) -> None:
         self.inbox_backward.deliver(number, message, self.cfg.runtime.timeout_s)
 
     def start(self, steps_per_epoch: int, num_test_samples: int, resume: Cut | None) -> None:

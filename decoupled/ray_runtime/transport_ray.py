@@ -55,7 +55,7 @@ class _WireTensor:
 
 
 @dataclass(frozen=True)
-class _Wire:
+class WireMessage:
     """A ``Message`` on its way: seq and kind as they are, the tensors as ``_WireTensor``."""
 
     forward: bool
@@ -65,16 +65,16 @@ class _Wire:
     labels: _WireTensor | None
 
     @staticmethod
-    def pack(message: Message) -> _Wire:
+    def pack(message: Message) -> WireMessage:
         if isinstance(message, ForwardMessage):
-            return _Wire(
+            return WireMessage(
                 True,
                 message.seq,
                 message.kind,
                 _WireTensor.pack(message.activations),
                 _WireTensor.pack(message.labels),
             )
-        return _Wire(False, message.seq, Kind.TRAIN, _WireTensor.pack(message.target), None)
+        return WireMessage(False, message.seq, Kind.TRAIN, _WireTensor.pack(message.target), None)
 
     def unpack(self) -> Message:
         if not self.forward:
@@ -104,7 +104,7 @@ class RaySender:
             if not ready:
                 raise TimeoutError(f"neighbour accepted nothing for {timeout}s")
             ray.get(self._in_flight.popleft())  # surfaces the neighbour's death here
-        self._in_flight.append(self._call.remote(self._next, _Wire.pack(message)))
+        self._in_flight.append(self._call.remote(self._next, WireMessage.pack(message)))
         self._next += 1
 
     def close(self, timeout: float = 10.0) -> None:
@@ -122,7 +122,7 @@ class OrderedInbox:
         self._next = 0
         self._turn = threading.Condition()
 
-    def deliver(self, number: int, wire: _Wire, timeout: float) -> None:
+    def deliver(self, number: int, wire: WireMessage, timeout: float) -> None:
         message = wire.unpack()
         with self._turn:
             if not self._turn.wait_for(lambda: self._next == number, timeout):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from decoupled.channel import BackwardMessage, ForwardMessage, Kind, Policy
-from decoupled.ray_runtime.transport_ray import OrderedInbox, _Wire
+from decoupled.ray_runtime.transport_ray import OrderedInbox, WireMessage
 
 TENSORS = [
     torch.randn(4, 6),
@@ -21,7 +21,7 @@ TENSORS = [
 ]
 
 
-def _round_trip(wire: _Wire) -> tuple[_Wire, int]:
+def _round_trip(wire: WireMessage) -> tuple[WireMessage, int]:
     """Through pickle 5 as Ray does it; also how many buffers went out of band."""
     buffers: list[pickle.PickleBuffer] = []
     data = pickle.dumps(wire, protocol=5, buffer_callback=buffers.append)
@@ -31,7 +31,7 @@ def _round_trip(wire: _Wire) -> tuple[_Wire, int]:
 @pytest.mark.parametrize("tensor", TENSORS, ids=lambda t: f"{t.dtype}{tuple(t.shape)}")
 def test_forward_messages_cross_pickle_with_their_bytes_out_of_band(tensor: torch.Tensor) -> None:
     labels = torch.arange(tensor.shape[0] if tensor.dim() else 1)
-    wire, out_of_band = _round_trip(_Wire.pack(ForwardMessage(7, Kind.EVAL, tensor, labels)))
+    wire, out_of_band = _round_trip(WireMessage.pack(ForwardMessage(7, Kind.EVAL, tensor, labels)))
     message = wire.unpack()
     assert isinstance(message, ForwardMessage)
     assert (message.seq, message.kind) == (7, Kind.EVAL)
@@ -44,7 +44,7 @@ def test_forward_messages_cross_pickle_with_their_bytes_out_of_band(tensor: torc
 
 def test_backward_messages_keep_their_target() -> None:
     target = torch.randn(5, 3)
-    wire, _ = _round_trip(_Wire.pack(BackwardMessage(11, target)))
+    wire, _ = _round_trip(WireMessage.pack(BackwardMessage(11, target)))
     message = wire.unpack()
     assert isinstance(message, BackwardMessage)
     assert message.seq == 11 and torch.equal(message.target, target)
@@ -52,7 +52,7 @@ def test_backward_messages_keep_their_target() -> None:
 
 def test_inbox_releases_deliveries_in_their_numbered_order() -> None:
     inbox = OrderedInbox(capacity=8, policy=Policy.BLOCK)
-    wires = [_Wire.pack(BackwardMessage(n, torch.full((2,), float(n)))) for n in range(5)]
+    wires = [WireMessage.pack(BackwardMessage(n, torch.full((2,), float(n)))) for n in range(5)]
     threads = [
         threading.Thread(target=inbox.deliver, args=(n, wires[n], 10.0)) for n in (3, 1, 4, 0, 2)
     ]
