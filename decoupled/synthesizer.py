@@ -12,6 +12,7 @@ MLP synthesizer, or stacked as constant planes onto the feature map of a conv sy
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,10 +49,24 @@ class Synthesizer(nn.Module):
         return F.one_hot(labels, self.num_classes).to(dtype)
 
 
-def _zero_last(layer: nn.Linear | nn.Conv2d) -> None:
-    nn.init.zeros_(layer.weight)
-    if layer.bias is not None:
-        nn.init.zeros_(layer.bias)
+def _stack(
+    layer: Callable[[int, int], nn.Linear | nn.Conv2d],
+    width: int,
+    out_width: int,
+    hidden_layers: int,
+    hidden: int,
+) -> nn.Sequential:
+    """``hidden_layers`` of ``layer`` + ReLU, ``hidden`` wide, then a zero-initialised output
+    ``layer`` of ``out_width``; ``layer(in, out)`` builds one layer."""
+    layers: list[nn.Module] = []
+    for _ in range(hidden_layers):
+        layers += [layer(width, hidden), nn.ReLU()]
+        width = hidden
+    out = layer(width, out_width)
+    nn.init.zeros_(out.weight)
+    if out.bias is not None:
+        nn.init.zeros_(out.bias)
+    return nn.Sequential(*layers, out)
 
 
 class MLPSynthesizer(Synthesizer):
@@ -67,13 +82,7 @@ class MLPSynthesizer(Synthesizer):
         super().__init__(activation_shape, num_classes)
         features = math.prod(activation_shape)
         width = features + (num_classes or 0)
-        layers: list[nn.Module] = []
-        for _ in range(hidden_layers):
-            layers += [nn.Linear(width, hidden), nn.ReLU()]
-            width = hidden
-        out = nn.Linear(width, features)
-        _zero_last(out)
-        self.net = nn.Sequential(*layers, out)
+        self.net = _stack(nn.Linear, width, features, hidden_layers, hidden)
 
     def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         z = h.flatten(1)
@@ -81,6 +90,10 @@ class MLPSynthesizer(Synthesizer):
             z = torch.cat([z, self._one_hot(labels, z.dtype)], dim=1)
         out: torch.Tensor = self.net(z)
         return out.view_as(h)
+
+
+def _conv5x5(in_channels: int, out_channels: int) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 5, padding=2)
 
 
 class ConvSynthesizer(Synthesizer):
@@ -96,13 +109,7 @@ class ConvSynthesizer(Synthesizer):
         super().__init__(activation_shape, num_classes)
         channels = activation_shape[0]
         width = channels + (num_classes or 0)
-        layers: list[nn.Module] = []
-        for _ in range(hidden_layers):
-            layers += [nn.Conv2d(width, hidden, 5, padding=2), nn.ReLU()]
-            width = hidden
-        out = nn.Conv2d(width, channels, 5, padding=2)
-        _zero_last(out)
-        self.net = nn.Sequential(*layers, out)
+        self.net = _stack(_conv5x5, width, channels, hidden_layers, hidden)
 
     def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         z = h
