@@ -101,8 +101,7 @@ class RuntimeConfig:
     gpus_per_stage: float | str = "auto"
     cpus_per_stage: float = field(default=1.0, metadata={"gt": 0.0})
     # Messages per channel. Deeper channels add target staleness and, with balanced stages, no
-    # throughput: on digits, 3-stage DNI went from staleness 2.3 / 98.6% (capacity 1) to
-    # 6.4 / 95.8% (capacity 4) at the same samples/s.
+    # throughput: bench/capacity.py measures both (docs/performance.md).
     channel_capacity: int = field(default=2, metadata={"min": 1})
     # Ray runtime: targets are applied in strict step order with one batch in flight.
     lockstep: bool = False
