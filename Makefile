@@ -62,9 +62,12 @@ endif
 submit: $(STAMP)
 	$(VENV)/bin/decoupled submit $(CONFIG) $(ARGS)
 
+# Each takes minutes and wants a quiet machine: docs/performance.md, docs/accuracy.md.
 bench: $(STAMP)
 	$(PY) bench/throughput.py
 	$(PY) bench/transport.py
+	$(PY) bench/capacity.py
+	$(PY) bench/accuracy.py
 
 clean:
 	rm -rf $(VENV) runs .mypy_cache .pytest_cache .ruff_cache
