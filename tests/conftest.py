@@ -6,12 +6,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import torch
 
 from decoupled.config import Config, DataConfig, load_config, parse_config
 from decoupled.data import Dataset, load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_CONFIG = ROOT / "configs" / "digits.yaml"
+
+# One intra-op thread for everything trained in the test process. These models are too small to
+# gain from a second thread, and where the cores are shared (Ray actors, other jobs on a CI box)
+# torch's threads spin at each barrier for a core that is busy: a 4 s in-process run took 20 to
+# 70 s on a loaded 2-core machine. The stage actors run one thread each already.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -109,8 +109,9 @@ class RayJob:
         self.actors: list[Any] = []
         self.described: list[dict[str, Any]] = []
         self.pg: Any = None
-        # Indices of actors known dead. Teardown asks them nothing: a call to an actor whose node
-        # is gone fails only after Ray has waited for news of its death, seconds per call.
+        # Indices of actors known dead or not answering: teardown only kills them. A call to an
+        # actor whose node is gone fails only after Ray has waited for news of its death, and a
+        # hung one answers nothing; each graceful step would wait out its timeout for them.
         self._lost: set[int] = set()
         self.transport: tuple[str, str] = ("", "")
         self.resources: StageResources | None = None
@@ -185,6 +186,8 @@ class RayJob:
         try:
             return list(ray.get(refs, timeout=timeout))
         except ray.exceptions.GetTimeoutError as err:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            self._lost.update(i for i, ref in enumerate(refs) if ref not in ready)
             raise StageFailed(
                 f"stage actors did not answer {method!r} within {timeout:g}s"
             ) from err
@@ -259,7 +262,7 @@ class RayJob:
                 "reason": reason,
             }
         )
-        self.teardown()
+        self.teardown(graceful=False)
 
     def _watch(self, run_log: RunLog) -> None:
         """Poll until every stage is done; seal cuts; raise on failure, stall or signal."""
@@ -358,12 +361,14 @@ class RayJob:
         """Every stage's module, synthesizer and optimizer states, in stage order."""
         return self._all("state_dict")
 
-    def teardown(self) -> None:
-        """Stop and release everything this job started, bounded in time whatever its state."""
+    def teardown(self, graceful: bool = True) -> None:
+        """Stop and release everything this job started, bounded in time whatever its state.
+        ``graceful=False`` (after a failure) only kills: the actors' edges may be stuck on a
+        peer that is gone or hung, and closing them would wait out the timeouts below."""
         if self.actors:
             # Short waits: a hung actor answers none of these, and a restart waits on them.
             alive = [a for i, a in enumerate(self.actors) if i not in self._lost]
-            if alive:
+            if alive and graceful:
                 stops = [actor.stop.remote() for actor in alive]
                 ray.wait(stops, num_returns=len(stops), timeout=2)
                 shutdowns = [actor.shutdown.remote() for actor in alive]

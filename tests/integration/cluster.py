@@ -1,5 +1,6 @@
 """A real multi-node Ray cluster on this machine: head and workers as separate `ray start --block`
-processes, each in a session of its own so that a test stops exactly what it started."""
+processes, each in a session of its own so that a test stops exactly what it started, or kills
+one node outright as if its machine were lost."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from decoupled.ray_runtime.transport_torch import free_port
@@ -27,6 +28,59 @@ class LocalCluster:
     address: str  # the GCS, HOST:PORT, for `runtime.address`
     dashboard: str | None  # http://HOST:PORT for `ray job submit`, when started with one
     env: dict[str, str]  # what a client of this cluster needs: the same token, the same PATH
+    # The `ray start --block` of each node, the head first; each leads a session of its own.
+    nodes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def processes(self, node: int) -> list[int]:
+        """The live processes of ``node`` (0 is the head): raylet, agents, Ray workers."""
+        return _session(self.nodes[node].pid)
+
+    def node_id(self, node: int) -> str:
+        """Ray's hex node ID of ``node``, as its raylet was told at start."""
+        for pid in self.processes(node):
+            for arg in _cmdline(pid):
+                if arg.startswith("--node_id="):
+                    return arg.removeprefix("--node_id=")
+        raise AssertionError(f"node {node} has no raylet with a --node_id")
+
+    def hosts(self, node: int, title: str) -> bool:
+        """Whether ``node`` runs a Ray worker whose process title starts with ``title`` (Ray
+        names an actor's process ``ray::CLASS`` or ``ray::CLASS.METHOD``)."""
+        return any(
+            (cmd := _cmdline(pid)) and cmd[0].startswith(title) for pid in self.processes(node)
+        )
+
+    def kill_node(self, node: int) -> None:
+        """SIGKILL everything of ``node`` at once, as if its machine were lost: no drain, no
+        goodbye to the GCS, which must find out by itself."""
+        leader = self.nodes[node]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(leader.pid, signal.SIGKILL)
+        # A process that left the group (none does in Ray 2.60) is still of the session.
+        for pid in _session(leader.pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        leader.wait(timeout=10)
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # gone since the listing
+        return []
+    return [arg.decode(errors="replace") for arg in raw.split(b"\0") if arg]
+
+
+def _session(sid: int) -> list[int]:
+    """Live processes of session ``sid`` (Linux: /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if os.getsid(int(entry.name)) == sid:
+                pids.append(int(entry.name))
+    return pids
 
 
 def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -69,12 +123,19 @@ def _wait_for(log: Path, text: str, process: subprocess.Popen[bytes], timeout: f
 
 
 @contextlib.contextmanager
-def local_cluster(logs: Path, workers: int = 1, dashboard: bool = False) -> Iterator[LocalCluster]:
+def local_cluster(
+    logs: Path,
+    workers: int = 1,
+    dashboard: bool = False,
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[LocalCluster]:
     """A head and ``workers`` worker nodes, one CPU and no GPU each; token auth as Ray >= 2.59
-    requires for local clusters (one shared secret for every process)."""
+    requires for local clusters (one shared secret for every process). ``extra_env`` reaches
+    every node and client (e.g. ``RAY_*`` system settings)."""
     port = free_port()
     env = {
         **os.environ,
+        **(extra_env or {}),
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": secrets.token_hex(32),
         # A job's entrypoint runs `python` from the head's PATH: this interpreter's, with the
@@ -109,12 +170,14 @@ def local_cluster(logs: Path, workers: int = 1, dashboard: bool = False) -> Iter
     started = [_start(head_args, env, logs / "head.log")]
     try:
         _wait_for(logs / "head.log", "Ray runtime started", started[0], START_TIMEOUT_S)
+        # One after the other: nodes of one IP that start together mix up their node info
+        # (Ray 2.60 times out with "Failed to get node info").
         for i in range(workers):
             log = logs / f"worker{i}.log"
             args = [f"--address=127.0.0.1:{port}", *common, *own_ports()]
             started.append(_start(args, env, log))
             _wait_for(log, "Ray runtime started", started[-1], START_TIMEOUT_S)
-        yield LocalCluster(f"127.0.0.1:{port}", url, env)
+        yield LocalCluster(f"127.0.0.1:{port}", url, env, nodes=list(started))
     finally:
         for process in reversed(started):
             stop(process)

@@ -1,4 +1,5 @@
-"""One local Ray cluster per test module, with explicit logical resources."""
+"""One local Ray cluster per test module, with explicit logical resources; one real two-node
+cluster shared by the modules that only submit jobs to it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 import ray
+
+from tests.integration.cluster import LocalCluster, local_cluster
 
 
 @pytest.fixture(scope="module")
@@ -24,3 +27,12 @@ def ray_cluster() -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="package")
+def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A head, with the job server, and one worker, one CPU each: a two-stage job must put a
+    stage on each node. Jobs leave it as they found it, so `ray job submit` and direct jobs
+    share one (starting one costs 10-30 s)."""
+    with local_cluster(tmp_path_factory.mktemp("ray-two-nodes"), dashboard=True) as cluster:
+        yield cluster

@@ -17,6 +17,7 @@ from tests.conftest import digits_config
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_cluster")]
 
 _local_accuracy: dict[tuple[int, str], float] = {}
+EPOCHS = 5
 
 
 def _local(digits: Dataset, stages: int, method: str, common: list[str]) -> float:
@@ -33,7 +34,9 @@ def _local(digits: Dataset, stages: int, method: str, common: list[str]) -> floa
 def test_actors_reach_the_in_process_accuracy(
     digits: Dataset, tmp_path: Path, stages: int, method: str, transport: str
 ) -> None:
-    common = [f"method.name={method}", f"stages={stages}", "train.epochs=10"]
+    # Five epochs: a run's cost is mostly its actors' start-up, and the margin over the
+    # tolerance held (at least +0.029 in all eight cases at five epochs, +0.02 at ten).
+    common = [f"method.name={method}", f"stages={stages}", f"train.epochs={EPOCHS}"]
     cfg = digits_config(*common, f"runtime.transport={transport}")
     summary = train_on_ray(cfg, digits, tmp_path)
     expected = _local(digits, stages, method, common)
@@ -47,7 +50,7 @@ def test_actors_reach_the_in_process_accuracy(
     for figures in summary["stages"][:-1]:
         assert figures["sg_updates"] > 0 and figures["staleness_mean"] is not None
     evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert sum(r["event"] == "eval" for r in evals) == 10
+    assert sum(r["event"] == "eval" for r in evals) == EPOCHS
 
 
 def _states(job: RayJob) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from decoupled.checkpoint import latest_cut, load_stage
+from decoupled.cli import run_training
 from decoupled.data import Dataset
 from decoupled.local import LocalTrainer
 from decoupled.ray_runtime.controller import RayJob
@@ -56,6 +57,9 @@ def _wait_for_step(out: Path, step: int, timeout: float) -> None:
         time.sleep(0.2)
 
 
+_undisturbed: dict[str, float] = {}  # one in-process reference for both faults
+
+
 @pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP])
 def test_a_killed_or_hung_stage_is_restarted_and_the_run_finishes(
     digits: Dataset, tmp_path: Path, fault: signal.Signals
@@ -75,8 +79,10 @@ def test_a_killed_or_hung_stage_is_restarted_and_the_run_finishes(
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     restarts = [r for r in records if r["event"] == "restart"]
     assert len(restarts) == 1 and restarts[0]["step"] >= 40  # resumed from a cut, not from 0
-    undisturbed = LocalTrainer(digits_config(*common, "runtime.backend=local"), digits).run()
-    assert summary["test_accuracy"] >= undisturbed["test_accuracy"] - 0.05
+    if "accuracy" not in _undisturbed:
+        local = LocalTrainer(digits_config(*common, "runtime.backend=local"), digits)
+        _undisturbed["accuracy"] = local.run()["test_accuracy"]
+    assert summary["test_accuracy"] >= _undisturbed["accuracy"] - 0.05
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
@@ -103,18 +109,20 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     assert all(torch.isfinite(t).all() for t in state["module"].values() if t.is_floating_point())
 
 
-def _cli(*args: str, out: Path) -> list[str]:
+# Enough steps after the signal for the cut it asks for to land before the end.
+STEPS = 1000
+RUN = ["method.name=backprop", f"train.steps={STEPS}", "checkpoint.every=100"]
+
+
+def _cli(out: Path) -> list[str]:
     return [
         sys.executable,
         "-m",
         "decoupled.cli",
         "train",
         str(DIGITS_CONFIG),
-        "method.name=backprop",
-        "train.steps=2000",
-        "checkpoint.every=100",
+        *RUN,
         "train.progress=false",
-        *args,
         "--out",
         str(out),
     ]
@@ -130,17 +138,19 @@ def test_sigint_then_resume_matches_an_uninterrupted_run_exactly(tmp_path: Path)
     assert process.returncode == 130, err
     assert "interrupted by SIGINT" in err and "checkpoint at" in err and "Traceback" not in err
     cut = latest_cut(interrupted / "checkpoints")
-    assert cut is not None and 200 <= cut.step < 2000
+    assert cut is not None and 200 <= cut.step < STEPS
 
     resume = [*_cli(out=interrupted)[:-2], "--resume", str(interrupted)]
     resumed = subprocess.run(resume, capture_output=True, text=True, timeout=180)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     summary = json.loads((interrupted / "summary.json").read_text())
-    assert summary["steps"] == 2000 and summary["resumed_from"] == cut.step
-    assert subprocess.run(_cli(out=whole), capture_output=True, timeout=180).returncode == 0
+    assert summary["steps"] == STEPS and summary["resumed_from"] == cut.step
+    # The reference needs no command of its own: in this process, on the module's Ray, it is
+    # the same run (same config, one actor of one thread) without a second Ray start-up.
+    run_training(digits_config(*RUN), whole)
 
     final = [latest_cut(d / "checkpoints") for d in (interrupted, whole)]
-    assert all(c is not None and c.step == 2000 for c in final)
+    assert all(c is not None and c.step == STEPS for c in final)
     a, b = (load_stage(c, 0, torch.device("cpu")) for c in final if c is not None)
     for name, value in b["module"].items():
         assert torch.equal(a["module"][name], value), name

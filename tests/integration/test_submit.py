@@ -7,21 +7,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import DIGITS_CONFIG, ROOT
-from tests.integration.cluster import BIN, LocalCluster, local_cluster
+from tests.integration.cluster import BIN, LocalCluster
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    with local_cluster(tmp_path_factory.mktemp("ray-submit"), dashboard=True) as started:
-        yield started
 
 
 def _submit(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess[str]:
@@ -37,11 +30,11 @@ def _submit(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess[st
 
 
 @pytest.mark.timeout(300)
-def test_submitted_job_runs_stages_on_both_nodes(cluster: LocalCluster, tmp_path: Path) -> None:
+def test_submitted_job_runs_stages_on_both_nodes(two_nodes: LocalCluster, tmp_path: Path) -> None:
     out = tmp_path / "run"  # the job runs on this machine, so its --out can be read here
     config = DIGITS_CONFIG.relative_to(ROOT)
     result = _submit(
-        cluster,
+        two_nodes,
         str(config),
         "stages=2",
         "train.steps=60",
@@ -60,13 +53,13 @@ def test_submitted_job_runs_stages_on_both_nodes(cluster: LocalCluster, tmp_path
 
 @pytest.mark.timeout(180)
 def test_a_job_that_fails_on_the_cluster_fails_the_submit(
-    cluster: LocalCluster, tmp_path: Path
+    two_nodes: LocalCluster, tmp_path: Path
 ) -> None:
     # Valid here, but the data is missing where the job runs: `train` exits 2 on the head, and so
     # does `submit`.
     missing = tmp_path / "no-mnist-here"
     result = _submit(
-        cluster, "configs/digits.yaml", "data.name=mnist", f"data.root={missing}", "stages=2"
+        two_nodes, "configs/digits.yaml", "data.name=mnist", f"data.root={missing}", "stages=2"
     )
     assert result.returncode == 2, (result.stdout + result.stderr)[-4000:]
     assert "failed, exit code 2" in result.stderr

@@ -1,25 +1,19 @@
-"""A real two-node Ray cluster on this machine: head and worker as separate `ray start`
-processes with one CPU each, so a two-stage job must put one stage on each node."""
+"""A real two-node Ray cluster on this machine (the `two_nodes` fixture): head and worker as
+separate `ray start` processes with one CPU each, so a two-stage job must put one stage on each
+node."""
 
 from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import DIGITS_CONFIG
-from tests.integration.cluster import BIN, LocalCluster, local_cluster
+from tests.integration.cluster import BIN, LocalCluster
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    with local_cluster(tmp_path_factory.mktemp("ray-nodes")) as cluster:
-        yield cluster
 
 
 @pytest.mark.timeout(300)

@@ -1,0 +1,139 @@
+"""Losing a worker node of a real local Ray cluster mid-run: its stage moves and the run finishes.
+
+A head and two workers, one CPU each, run a two-stage job, so one CPU is spare. Once the first
+checkpoint cut is sealed, the test SIGKILLs every process of a worker node that hosts a stage
+(raylet, agents and the actor: a machine gone without a word). The controller must notice at
+once, place both stages again on the two nodes left, resume from the last sealed cut, and finish.
+
+Ray's health checks are left at their defaults on purpose: the GCS marks the node dead about 13 s
+after the kill, and the controller must not wait for that. Which node holds a stage is read from
+the processes of each node's session (a Ray worker titled ``ray::StageActor...``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from decoupled.checkpoint import complete_steps
+from tests.conftest import DIGITS_CONFIG
+from tests.integration.cluster import BIN, LocalCluster, local_cluster
+
+pytestmark = pytest.mark.integration
+
+STEPS = 400
+EVERY = 25
+# Far below every timeout that could also end the attempt (the 60 s limit on a control call,
+# runtime.stall_timeout_s): only the failure itself can have triggered the restart.
+NOTICE_S = 30.0
+
+
+@pytest.fixture(scope="module")
+def three_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    with local_cluster(tmp_path_factory.mktemp("ray-node-loss"), workers=2) as cluster:
+        yield cluster
+
+
+def _records(out: Path) -> list[dict[str, Any]]:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    # The last line may be half written while the run goes on.
+    lines = path.read_text().splitlines()
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+def _wait(
+    what: str, found: Callable[[], bool], process: subprocess.Popen[bytes], timeout: float
+) -> float:
+    """Poll ``found`` until true; the time it took. Fails on timeout or if the run exits."""
+    start = time.monotonic()
+    while not found():
+        assert process.poll() is None, f"the run exited ({process.returncode}) before {what}"
+        assert time.monotonic() - start < timeout, f"no {what} within {timeout:g}s"
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+@pytest.mark.timeout(300)
+def test_losing_a_worker_node_moves_its_stage_and_the_run_finishes(
+    three_nodes: LocalCluster, tmp_path: Path
+) -> None:
+    cluster, out = three_nodes, tmp_path / "run"
+    started = time.monotonic()
+    with open(tmp_path / "train.log", "wb") as log:
+        process = subprocess.Popen(
+            [
+                str(BIN / "decoupled"),
+                "train",
+                str(DIGITS_CONFIG),
+                "stages=2",
+                f"train.steps={STEPS}",
+                f"checkpoint.every={EVERY}",
+                f"runtime.address={cluster.address}",
+                "runtime.timeout_s=60",
+                "runtime.stall_timeout_s=120",
+                "train.progress=false",
+                "--out",
+                str(out),
+            ],
+            env=cluster.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        checkpoints = out / "checkpoints"
+        _wait("sealed cut", lambda: bool(complete_steps(checkpoints)), process, 120)
+        # Two bundles of one CPU over three one-CPU nodes: at least one worker holds a stage.
+        hosting = [n for n in (1, 2) if cluster.hosts(n, "ray::StageActor")]
+        assert hosting, "no worker node hosts a stage"
+        lost, kept = hosting[0], 3 - hosting[0]
+        lost_id, alive = cluster.node_id(lost), {cluster.node_id(0), cluster.node_id(kept)}
+        sealed = complete_steps(checkpoints)[-1]
+        cluster.kill_node(lost)
+        killed = time.monotonic()
+
+        def restart() -> dict[str, Any] | None:
+            return next((r for r in _records(out) if r.get("event") == "restart"), None)
+
+        noticed = _wait("restart", lambda: restart() is not None, process, 120)
+        event = restart()
+        assert event is not None
+
+        def training_again() -> bool:
+            after = _records(out)
+            i = next(i for i, r in enumerate(after) if r.get("event") == "restart")
+            return any(r.get("event") == "train" and r["step"] > event["step"] for r in after[i:])
+
+        resumed = noticed + _wait("training after the restart", training_again, process, 120)
+        process.wait(timeout=180)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+    output = (tmp_path / "train.log").read_text(errors="replace")
+    print(
+        f"node lost after the cut at step {sealed}: restart {noticed:.1f}s after the kill, "
+        f"training again after {resumed:.1f}s; the run took {time.monotonic() - started:.1f}s, "
+        f"{time.monotonic() - killed:.1f}s of it after the kill"
+    )
+    assert process.returncode == 0, output[-4000:]
+    assert noticed < NOTICE_S, output[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == STEPS
+    assert summary["restarts"] >= 1
+    assert event["step"] >= sealed >= EVERY  # from the last sealed cut, not from the start
+    assert set(summary["nodes"]) == alive and lost_id not in summary["nodes"]
+    assert {stage["node_id"] for stage in summary["stages"]} == alive
+    assert summary["test_accuracy"] > 0.8
