@@ -292,7 +292,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sizes = [2**16, 2**20, 2**22, 2**24]  # 64K 1M 4M 16M
+    sizes = [2**16, 2**20, 2**22, 2**24, 2**26]  # 64K 1M 4M 16M 64M
     p.add_argument("--sizes", type=parse_size, nargs="+", default=sizes, help="e.g. 64K 1M 64M")
     modes = ["raw", "raw-async", "torch", "torch-if2", "ray", "ray-zc"]
     p.add_argument("--modes", nargs="+", default=modes, choices=modes)
