@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from common import machine, wait_quiet
+from common import cell, machine, wait_quiet
 
 from decoupled.config import load_config
 from decoupled.data import load_dataset
@@ -61,10 +61,6 @@ def _median(values: list[float | None]) -> float | None:
     """Median of the known values (a short run may have no steady-state rate)."""
     known = [v for v in values if v is not None]
     return statistics.median(known) if known else None
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def parse_args() -> argparse.Namespace:
@@ -117,10 +113,10 @@ def main() -> None:
     )
     for r in rows:
         print(
-            f"| {r['capacity']} | {_fmt(r['staleness_mean'], '.1f')} | "
-            f"{_fmt(r['test_accuracy'], '.3f')} | "
+            f"| {r['capacity']} | {cell(r['staleness_mean'], '.1f')} | "
+            f"{cell(r['test_accuracy'], '.3f')} | "
             f"{r['test_accuracy_min']:.3f} - {r['test_accuracy_max']:.3f} | "
-            f"{_fmt(r['steady_samples_per_s'], '.0f')} |"
+            f"{cell(r['steady_samples_per_s'], '.0f')} |"
         )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

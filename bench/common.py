@@ -8,6 +8,7 @@ are (mostly) idle, so a figure is not silently a measurement of somebody else's 
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import time
@@ -15,7 +16,15 @@ from typing import Any
 
 from decoupled.metrics import STEADY_FROM, steady_samples_per_s
 
-__all__ = ["STEADY_FROM", "cpu_busy", "machine", "steady_rate", "wait_quiet"]
+__all__ = [
+    "STEADY_FROM",
+    "add_model_args",
+    "cell",
+    "cpu_busy",
+    "machine",
+    "steady_rate",
+    "wait_quiet",
+]
 
 
 def _cpu_times() -> tuple[int, int]:
@@ -80,3 +89,19 @@ def steady_rate(records: list[dict[str, Any]], total_steps: int, batch: int) -> 
     if rate is None:
         raise RuntimeError("too few progress records: raise --steps")
     return rate
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The throughput model every compute benchmark shares: an 8x1024 FCN, batch 256, 4
+    micro-batches for the pipelined schedules, and the K values and steps of a run."""
+    p.add_argument("--stages", type=int, nargs="+", default=[2], help="K values (default: 2)")
+    p.add_argument("--steps", type=int, default=200, help="training steps per run")
+    p.add_argument("--layers", type=int, default=8, help="model.layers")
+    p.add_argument("--hidden", type=int, default=1024, help="model.hidden")
+    p.add_argument("--batch", type=int, default=256, help="data.batch_size")
+    p.add_argument("--micro-batches", type=int, default=4, help="method.micro_batches")
+
+
+def cell(value: float | None, spec: str) -> str:
+    """A table cell; "-" for a figure a case does not have."""
+    return "-" if value is None else format(value, spec)

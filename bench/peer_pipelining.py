@@ -36,7 +36,7 @@ from typing import Any, Final
 import ray
 import torch
 import torch.nn.functional as F
-from common import steady_rate
+from common import add_model_args, steady_rate
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
@@ -273,12 +273,7 @@ def check_one_step(cfg: Config, dataset: Dataset) -> list[dict[str, Any]]:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--stages", type=int, nargs="+", default=[2], help="K values (default: 2)")
-    p.add_argument("--steps", type=int, default=200, help="training steps per run")
-    p.add_argument("--layers", type=int, default=8, help="model.layers")
-    p.add_argument("--hidden", type=int, default=1024, help="model.hidden")
-    p.add_argument("--batch", type=int, default=256, help="data.batch_size")
-    p.add_argument("--micro-batches", type=int, default=4, help="method.micro_batches")
+    add_model_args(p)
     p.add_argument("--check", action="store_true", help="compare one step with the project's")
     return p.parse_args()
 

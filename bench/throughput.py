@@ -35,7 +35,7 @@ from typing import Any
 
 import ray
 import torch
-from common import STEADY_FROM, machine, steady_rate, wait_quiet
+from common import STEADY_FROM, add_model_args, cell, machine, steady_rate, wait_quiet
 from peer_pipelining import SCHEDULES, run_peer, stage_figures, train_records
 
 from decoupled.config import Config, parse_config
@@ -200,27 +200,17 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         for s in r["typical_run"]["stages"]:
             lines.append(
-                f"| {r['case']} | {s['index']} | {_cell(s['busy_fraction'], '.2f')} | "
-                f"{_cell(s['compute_ms_per_step'], '.1f')} | {_cell(s['sg_ms_per_step'], '.1f')} "
-                f"| {_cell(s['input_wait_fraction'], '.2f')} | {_cell(s['samples_per_s'], '.0f')} |"
+                f"| {r['case']} | {s['index']} | {cell(s['busy_fraction'], '.2f')} | "
+                f"{cell(s['compute_ms_per_step'], '.1f')} | {cell(s['sg_ms_per_step'], '.1f')} "
+                f"| {cell(s['input_wait_fraction'], '.2f')} | {cell(s['samples_per_s'], '.0f')} |"
             )
     return "\n".join(lines)
 
 
-def _cell(value: float | None, spec: str) -> str:
-    """A table cell; "-" for a figure a case does not have (the peer's SG time, input wait)."""
-    return "-" if value is None else format(value, spec)
-
-
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--stages", type=int, nargs="+", default=[2], help="K values (default: 2)")
-    p.add_argument("--steps", type=int, default=200, help="training steps per run")
+    add_model_args(p)
     p.add_argument("--repeats", type=int, default=3, help="runs per case (median, min, max)")
-    p.add_argument("--layers", type=int, default=8, help="model.layers")
-    p.add_argument("--hidden", type=int, default=1024, help="model.hidden")
-    p.add_argument("--batch", type=int, default=256, help="data.batch_size")
-    p.add_argument("--micro-batches", type=int, default=4, help="method.micro_batches")
     p.add_argument("--only", nargs="*", default=[], help="run only cases whose label has these")
     p.add_argument("--set", nargs="*", default=[], help="extra KEY=VALUE config overrides")
     p.add_argument("--json", type=Path, help="write every run and the aggregates here")

@@ -19,7 +19,13 @@ from decoupled.checkpoint import Cut, commit_cut, load_stage, save_stage
 from decoupled.config import Config, config_to_dict
 from decoupled.data import Dataset, TrainStream, eval_batches
 from decoupled.interrupt import Interrupted, StopRequest
-from decoupled.metrics import RunLog, build_summary, stage_record, steady_samples_per_s
+from decoupled.metrics import (
+    RunLog,
+    build_summary,
+    stage_record,
+    steady_samples_per_s,
+    summary_stage_figures,
+)
 from decoupled.schedule import Schedule
 from decoupled.stage import Stage
 
@@ -190,12 +196,15 @@ class LocalTrainer:
     @staticmethod
     def _stage_figures(stage: Stage, wall_s: float) -> dict[str, Any]:
         stats = stage.stats
-        return {
-            "index": stage.index,
-            "samples_per_s": stats.samples / wall_s if wall_s > 0 else None,
-            "busy_fraction": stats.compute_s / wall_s if wall_s > 0 else None,
-            "input_wait_s": 0.0,
-            "targets_dropped": 0,
-            **stats.run_figures(),
-            "device": str(stage.device),
-        }
+        return summary_stage_figures(
+            {
+                "index": stage.index,
+                "steps": stats.steps,
+                "samples_per_s": stats.samples / wall_s if wall_s > 0 else None,
+                "busy_fraction": stats.compute_s / wall_s if wall_s > 0 else None,
+                "input_wait_s": 0.0,
+                "targets_dropped": 0,
+                **stats.run_figures(),
+                "device": str(stage.device),
+            }
+        )

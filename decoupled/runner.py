@@ -185,15 +185,7 @@ class StageRunner:
     def _run_unlocked(self) -> None:
         """DNI/cDNI (and single-stage backprop): update at once, apply targets as they come."""
         stage, total = self.stage, self.settings.schedule.total_steps
-        while not self._stop.is_set():
-            self._apply_targets(wait_for=None)
-            message = self._next_input()
-            if message is None:
-                continue
-            if message.kind is not Kind.TRAIN:
-                if self._control(message):
-                    return
-                continue
+        for message in self._train_inputs(between=lambda: self._apply_targets(wait_for=None)):
             result = stage.train_step(message.seq, message.activations, message.labels)
             if result.activations is not None:
                 self._send_forward(
@@ -213,14 +205,7 @@ class StageRunner:
         A stage starts on each micro-batch as soon as it arrives, so stage k + 1 computes
         micro-batch i while stage k computes micro-batch i + 1."""
         stage, m = self.stage, self.settings.micro_batches
-        while not self._stop.is_set():
-            message = self._next_input()
-            if message is None:
-                continue
-            if message.kind is not Kind.TRAIN:
-                if self._control(message):
-                    return
-                continue
+        for message in self._train_inputs():
             step = message.seq if stage.is_first else self.step
             micro_batches = (
                 zip(message.activations.chunk(m), message.labels.chunk(m), strict=True)
@@ -261,6 +246,19 @@ class StageRunner:
                     f"stage {self.stage.index}: {message.kind.name} message inside a batch"
                 )
             yield message.activations, message.labels
+
+    def _train_inputs(self, between: Callable[[], None] = lambda: None) -> Iterator[ForwardMessage]:
+        """The TRAIN messages in order, with the STOP, EVAL and CHECKPOINT messages between them
+        handled here; ends at STOP or ``stop()``. ``between`` runs before every receive."""
+        while not self._stop.is_set():
+            between()
+            message = self._next_input()
+            if message is None:
+                continue
+            if message.kind is Kind.TRAIN:
+                yield message
+            elif self._control(message):
+                return
 
     def _control(self, message: ForwardMessage) -> bool:
         """Handle a STOP, EVAL or CHECKPOINT message; True when the loop must end (STOP)."""

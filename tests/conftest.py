@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -41,3 +41,16 @@ def small_config(overrides: Sequence[str] = ()) -> Config:
         "runtime.backend=local",
     ]
     return parse_config({}, [*base, *overrides])
+
+
+@pytest.fixture
+def wandb_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """W&B's own files under a fresh folder of this test, and a fresh client around it."""
+    import wandb  # here, not at the top: most tests never touch W&B, and it is slow to import
+
+    from tests.wandb_records import isolate_wandb
+
+    home = tmp_path / "wandb-home"
+    isolate_wandb(home, monkeypatch)
+    yield home
+    wandb.teardown()

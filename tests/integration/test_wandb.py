@@ -5,25 +5,15 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import wandb
 
 from decoupled.cli import main
 from tests.conftest import DIGITS_CONFIG
-from tests.wandb_records import isolate_wandb, read_run, run_file
+from tests.wandb_records import read_run, run_file
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_cluster")]
-
-
-@pytest.fixture
-def wandb_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    home = tmp_path / "wandb-home"
-    isolate_wandb(home, monkeypatch)
-    yield home
-    wandb.teardown()
 
 
 @pytest.mark.timeout(240)

@@ -13,13 +13,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-import wandb
 
 from decoupled.cli import main
 from decoupled.metrics import RunLog
 from decoupled.wandb_logger import WARNING_PREFIX, histogram_arrays, staleness_window
 from tests.conftest import DIGITS_CONFIG, small_config
-from tests.wandb_records import isolate_wandb, read_run, run_file
+from tests.wandb_records import read_run, run_file
 
 SHORT = [
     "runtime.backend=local",
@@ -30,14 +29,6 @@ SHORT = [
     "method.delay=2",  # targets two steps late: a staleness distribution worth logging
 ]
 FAKE_KEY = "0123456789abcdef" * 2 + "01234567"  # 40 characters, like a real key
-
-
-@pytest.fixture
-def wandb_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    home = tmp_path / "wandb-home"
-    isolate_wandb(home, monkeypatch)
-    yield home
-    wandb.teardown()
 
 
 def _train(out: Path, *overrides: str) -> int:
