@@ -55,7 +55,7 @@ def worker(cfg: Config, index: int, seconds: float, start: Any, out: Any) -> Non
     """Train stage ``index`` of ``cfg`` on fixed inputs for ``seconds`` after ``start``."""
     torch.set_num_threads(1)
     stage = build_stage(cfg, index, INPUT_SHAPE, NUM_CLASSES)
-    k = stage.num_stages
+    k = stage.stage.num_stages
     modules = build_stage_modules(cfg.model, k, INPUT_SHAPE, NUM_CLASSES, cfg.seed)
     shapes = [INPUT_SHAPE, *activation_shapes(modules, INPUT_SHAPE)]
     batch = cfg.data.batch_size
@@ -64,9 +64,9 @@ def worker(cfg: Config, index: int, seconds: float, start: Any, out: Any) -> Non
     target = torch.randn(batch, *shapes[index + 1]) * 1e-3
 
     def step(seq: int) -> None:
-        stage.train_step(seq, x, y)
-        if stage.synthesizer is not None:  # one target back per step, as in steady state
-            stage.train_synthesizer(seq, target)
+        stage.forward(seq, x, y)
+        if stage.expects_backward:  # one target back per step, as in steady state
+            stage.backward(seq, target)
 
     for seq in range(3):  # warm-up: allocator, kernels
         step(seq)

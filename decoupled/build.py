@@ -1,4 +1,4 @@
-"""From a Config to ready-to-train stages: where models, synthesizers and optimizers meet."""
+"""From a Config to ready-to-train stages: where models, methods and optimizers meet."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from decoupled.config import Config, OptimConfig
+from decoupled.methods import MethodStage, StageContext, method_for
 from decoupled.models import activation_shapes, build_stage_modules
 from decoupled.stage import Stage
-from decoupled.synthesizer import build_synthesizer
 
 
 def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -20,8 +20,8 @@ def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.o
 
 
 def num_stages(cfg: Config) -> int:
-    """Stages that actually run: backprop keeps the whole model in one place."""
-    return 1 if cfg.method.name == "backprop" else cfg.stages
+    """Stages that actually run (backprop keeps the whole model in one place)."""
+    return method_for(cfg).num_stages()
 
 
 def build_stage(
@@ -30,38 +30,23 @@ def build_stage(
     input_shape: tuple[int, ...],
     num_classes: int,
     device: torch.device | str = "cpu",
-) -> Stage:
-    """Stage ``index`` of the model split by ``cfg``, with its synthesizer unless it is the last.
+) -> MethodStage:
+    """Stage ``index`` of the model split by ``cfg``, with its method's parts.
 
     Every call builds the whole model from ``cfg.seed`` and keeps one slice, so stages built in
-    different processes fit together and match a one-stage model weight for weight.
+    different processes fit together and match a one-stage model weight for weight. The
+    caller's RNG state is left as it was.
     """
-    k = num_stages(cfg)
+    method = method_for(cfg)
+    k = method.num_stages()
     modules = build_stage_modules(cfg.model, k, input_shape, num_classes, cfg.seed)
     shapes = activation_shapes(modules, input_shape)
     module = modules[index]
-    optimizer = build_optimizer(module.parameters(), cfg.optim)
-    synthesizer = sg_optimizer = None
-    if index < k - 1 and cfg.method.name in ("dni", "cdni"):
-        # Seeded apart from the model so that adding a synthesizer never shifts the model's init.
-        torch.manual_seed(cfg.seed + 1000 + index)
-        conditioned = num_classes if cfg.method.name == "cdni" else None
-        synthesizer = build_synthesizer(shapes[index], cfg.method.sg, conditioned)
-        sg_optimizer = torch.optim.Adam(synthesizer.parameters(), lr=cfg.method.sg.lr)
-    return Stage(
-        index,
-        k,
-        module,
-        optimizer,
-        synthesizer,
-        sg_optimizer,
-        sg_scale=cfg.method.sg.scale,
-        history=cfg.method.sg.history,
-        device=device,
-    )
+    stage = Stage(index, k, module, build_optimizer(module.parameters(), cfg.optim), device)
+    return method.build_stage(stage, StageContext(shapes[index], num_classes, cfg.seed))
 
 
 def build_stages(
     cfg: Config, input_shape: tuple[int, ...], num_classes: int, device: torch.device | str = "cpu"
-) -> list[Stage]:
+) -> list[MethodStage]:
     return [build_stage(cfg, i, input_shape, num_classes, device) for i in range(num_stages(cfg))]

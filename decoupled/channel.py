@@ -136,3 +136,25 @@ class LocalChannel:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+
+class DelayLine:
+    """The in-process trainer's backward channel: a message sent during step s can be received
+    once step s + ``delay`` is done, in the order sent. ``delay`` is what the asynchronous
+    protocol's lateness is made of when every stage runs in one process (``method.delay``)."""
+
+    def __init__(self, delay: int) -> None:
+        if delay < 0:
+            raise ValueError(f"delay must be >= 0, got {delay}")
+        self.delay = delay
+        self._items: collections.deque[tuple[int, int, BackwardMessage]] = collections.deque()
+
+    def send(self, step: int, to_stage: int, message: BackwardMessage) -> None:
+        self._items.append((step + self.delay, to_stage, message))
+
+    def due(self, step: int) -> tuple[int, BackwardMessage] | None:
+        """The oldest message receivable after step ``step`` as (stage, message), or None."""
+        if self._items and self._items[0][0] <= step:
+            _, to_stage, message = self._items.popleft()
+            return to_stage, message
+        return None

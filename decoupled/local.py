@@ -1,13 +1,14 @@
-"""In-process trainer: every stage in one process, in sequence, with a configurable target delay.
+"""In-process trainer: every stage in one process, in sequence, with a configurable delay.
 
-It runs the same ``Stage`` code the Ray actors run, in a fixed order, so the asynchronous protocol
-can be studied deterministically: a target computed at step s is delivered to the previous stage
-after step s + ``method.delay``. With delay 0 and a perfect synthesizer this is exactly backprop.
+It drives the same ``MethodStage`` objects the Ray actors drive, through the same three events,
+in a fixed order, so the asynchronous protocol can be studied deterministically. Backward
+messages a stage's step waits for (``backward_due``: GPipe's gradients) are handed over at once;
+the others travel through a ``DelayLine``: sent during step s, received after step
+s + ``method.delay``. With delay 0 and a perfect synthesizer DNI is exactly backprop.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from decoupled.build import build_stages
+from decoupled.channel import BackwardMessage, DelayLine
 from decoupled.checkpoint import Cut, commit_cut, load_stage, save_stage
 from decoupled.config import Config, config_to_dict
 from decoupled.data import Dataset, TrainStream, eval_batches
 from decoupled.interrupt import Interrupted, StopRequest
+from decoupled.methods import MethodStage, method_for
 from decoupled.metrics import (
     RunLog,
     build_summary,
@@ -26,11 +29,11 @@ from decoupled.metrics import (
     steady_samples_per_s,
     summary_stage_figures,
 )
+from decoupled.runner import stage_summary_figures
 from decoupled.schedule import Schedule
-from decoupled.stage import Stage
 
 
-def evaluate(stages: list[Stage], dataset: Dataset, batch_size: int) -> dict[str, float]:
+def evaluate(stages: list[MethodStage], dataset: Dataset, batch_size: int) -> dict[str, float]:
     """Test-split loss and accuracy through the stages in order (batch-norm in inference mode)."""
     loss_sum, correct, seen = 0.0, 0, 0
     for x, y in eval_batches(dataset.test_x, dataset.test_y, batch_size):
@@ -68,42 +71,36 @@ class LocalTrainer:
         self.schedule = Schedule.from_config(
             cfg.train, self.stream.steps_per_epoch, cfg.checkpoint.every
         )
-        # (deliver after step, stage that receives it, seq, target)
-        self._pending: deque[tuple[int, int, int, torch.Tensor]] = deque()
+        self.micro_batches = method_for(cfg).micro_batches()
+        self.backward = DelayLine(cfg.method.delay)
 
     def step(self, seq: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        """One batch through every stage; due targets are then delivered, oldest first."""
-        if self.cfg.method.name == "pipeline":
-            self._pipeline_step(seq, x, y)
-            return
-        h = x
-        for stage in self.stages:
-            result = stage.train_step(seq, h, y)
-            if result.target is not None:
-                self._pending.append(
-                    (seq + self.cfg.method.delay, stage.index - 1, seq, result.target)
-                )
-            if result.activations is not None:
-                h = result.activations
-        while self._pending and self._pending[0][0] <= seq:
-            _, index, target_seq, target = self._pending.popleft()
-            self.stages[index].train_synthesizer(target_seq, target)
-
-    def _pipeline_step(self, seq: int, x: torch.Tensor, y: torch.Tensor) -> None:
-        """GPipe in one process: all micro-batches forward, all backward, one update per stage."""
-        m = self.cfg.method.micro_batches
-        for micro, (xm, ym) in enumerate(zip(x.chunk(m), y.chunk(m), strict=True)):
-            h: torch.Tensor | None = xm
-            grad: torch.Tensor | None = None
+        """Batch ``seq``: each micro-batch through every stage, the end of the step everywhere,
+        then the backward messages that are due, oldest first."""
+        step, m = seq, self.micro_batches
+        for j, (xm, ym) in enumerate(zip(x.chunk(m), y.chunk(m), strict=True)):
+            seq, h = step * m + j, xm
             for stage in self.stages:
-                assert h is not None
-                result = stage.forward_hold(micro, h, ym, m)
-                h, grad = result.activations, result.target
-            for stage in reversed(self.stages[:-1]):
-                assert grad is not None
-                grad = stage.backward_held(micro, grad)
+                sends = stage.forward(seq, h, ym)
+                if sends.backward is not None:
+                    self._send_back(step, stage.index - 1, BackwardMessage(seq, sends.backward))
+                if sends.forward is not None:
+                    h = sends.forward
         for stage in self.stages:
-            stage.apply_update()
+            stage.end_step()
+        while (due := self.backward.due(step)) is not None:
+            self._deliver(step, *due)
+
+    def _send_back(self, step: int, index: int, message: BackwardMessage) -> None:
+        if self.stages[index].backward_due():  # its step cannot end without it
+            self._deliver(step, index, message)
+        else:
+            self.backward.send(step, index, message)
+
+    def _deliver(self, step: int, index: int, message: BackwardMessage) -> None:
+        sends = self.stages[index].backward(message.seq, message.target)
+        if sends.backward is not None:
+            self._send_back(step, index - 1, BackwardMessage(message.seq, sends.backward))
 
     def run(self) -> dict[str, Any]:
         schedule = self.schedule
@@ -194,17 +191,6 @@ class LocalTrainer:
         return record
 
     @staticmethod
-    def _stage_figures(stage: Stage, wall_s: float) -> dict[str, Any]:
-        stats = stage.stats
-        return summary_stage_figures(
-            {
-                "index": stage.index,
-                "steps": stats.steps,
-                "samples_per_s": stats.samples / wall_s if wall_s > 0 else None,
-                "busy_fraction": stats.compute_s / wall_s if wall_s > 0 else None,
-                "input_wait_s": 0.0,
-                "targets_dropped": 0,
-                **stats.run_figures(),
-                "device": str(stage.device),
-            }
-        )
+    def _stage_figures(stage: MethodStage, wall_s: float) -> dict[str, Any]:
+        extra = {"input_wait_s": 0.0, "targets_dropped": 0}
+        return summary_stage_figures(stage_summary_figures(stage, wall_s, extra))

@@ -128,6 +128,9 @@ class RunLog:
         # Before the clock starts: connecting to W&B is not training time.
         self._wandb = WandbLogger.open(cfg, out_dir, self._warn) if cfg is not None else None
         self.start = time.perf_counter()
+        # The same moment on the clock every process of the run shares (stages stamp their
+        # evaluations with it).
+        self.start_unix = time.time()
         if progress:
             self._bar = tqdm(total=total_steps, unit="step", file=sys.stderr, dynamic_ncols=True)
         self._postfix: dict[str, str] = {}
@@ -135,6 +138,10 @@ class RunLog:
 
     def wall_s(self) -> float:
         return time.perf_counter() - self.start
+
+    def since_start(self, unix_time: float) -> float:
+        """Seconds from the run's start to ``unix_time`` (a ``time.time()`` stamp)."""
+        return unix_time - self.start_unix
 
     def write(self, record: dict[str, Any]) -> None:
         record = {"wall_s": round(self.wall_s(), 4), **record}

@@ -58,12 +58,16 @@ def cnn_blocks(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int)
 def build_blocks(
     cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, seed: int
 ) -> list[nn.Module]:
-    """All blocks of the model, initialised from ``seed`` alone (same weights in every process)."""
-    torch.manual_seed(seed)
-    if cfg.name == "fcn":
-        return fcn_blocks(cfg, input_shape, num_classes)
-    if cfg.name == "cnn":
-        return cnn_blocks(cfg, input_shape, num_classes)
+    """All blocks of the model, initialised from ``seed`` alone (same weights in every process).
+
+    The layers draw their initial weights from torch's global RNG, so it is seeded inside a fork:
+    building a model leaves the caller's RNG state as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if cfg.name == "fcn":
+            return fcn_blocks(cfg, input_shape, num_classes)
+        if cfg.name == "cnn":
+            return cnn_blocks(cfg, input_shape, num_classes)
     raise ValueError(f"model.name: unknown model {cfg.name!r}")
 
 

@@ -1,9 +1,9 @@
 """A stage's compute loop over channels: what runs on a stage actor's compute thread.
 
-It owns no transport and no Ray: it reads forward messages (or, at stage 0, the data stream),
-runs the ``Stage``, sends activations on and targets back, and applies targets as they arrive.
-The same loop runs over in-process channels in the tests and over Ray or torch.distributed
-channels in the actors.
+It owns no transport, no Ray and no method: it reads forward messages (or, at stage 0, the data
+stream), hands each event to the stage's ``MethodStage`` and sends on what that returns, and
+hands backward messages over as they arrive. The same loop runs every method, over in-process
+channels in the tests and over Ray or torch.distributed channels in the actors.
 
 Message order per stage is the schedule: every stage sees TRAIN step s, then (at an evaluation
 point) the test set as EVAL batches, then TRAIN step s + 1. So an evaluation after step s runs on
@@ -12,6 +12,7 @@ exactly the parameters each stage had after step s, however asynchronous the run
 
 from __future__ import annotations
 
+import enum
 import os
 import threading
 import time
@@ -33,8 +34,9 @@ from decoupled.channel import (
     Sender,
 )
 from decoupled.data import TrainStream, eval_batches
+from decoupled.methods import MethodStage, Sends
 from decoupled.schedule import Schedule
-from decoupled.stage import Stage
+from decoupled.stage import NonFiniteError
 
 POLL_S = 0.05  # how long a blocked receive waits before re-checking the stop flag
 _PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20 if hasattr(os, "sysconf") else 0.0
@@ -70,12 +72,51 @@ def gpu_figures(device: torch.device) -> dict[str, float]:
 
 @dataclass
 class RunnerSettings:
-    method: str  # dni | cdni | pipeline | backprop
     schedule: Schedule
-    micro_batches: int = 1
-    # Wait for the target of step s before step s + 1: one batch in flight, deterministic.
+    micro_batches: int = 1  # the method's: stage 0 cuts each batch into this many
+    # Wait for the backward message of step s before step s + 1: one batch in flight,
+    # deterministic (for methods whose stages expect one).
     lockstep: bool = False
     send_timeout_s: float = 600.0
+
+
+class ErrorKind(enum.Enum):
+    """Why a stage's loop ended early; the controller decides on this, not on a message."""
+
+    NON_FINITE = "non_finite"  # a NaN/inf: the same data would give it again, no retry
+    CHANNEL_CLOSED = "channel_closed"  # a neighbour went away before the end
+    EXCEPTION = "exception"  # anything else, with its traceback
+
+
+@dataclass(frozen=True)
+class StageError:
+    kind: ErrorKind
+    message: str
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """The test-set figures of the parameters every stage had after ``step``."""
+
+    step: int
+    test_loss: float
+    test_accuracy: float
+    # time.time() when the last stage finished it: one clock for the whole run, so records
+    # that reach the driver together keep the times the work was done.
+    at: float
+
+
+@dataclass(frozen=True)
+class StagePoll:
+    """What a stage reports to the controller at each poll."""
+
+    index: int
+    step: int  # the next training step it will run
+    done: bool
+    error: StageError | None
+    evals: list[EvalResult]  # finished since the previous poll (last stage only)
+    saved: list[int]  # steps of the cuts whose part this stage has written since then
+    figures: dict[str, Any]  # the window's per-stage figures (metrics.PER_STAGE_KEYS and more)
 
 
 @dataclass
@@ -85,12 +126,9 @@ class EvalTally:
     correct: int = 0
     seen: int = 0
 
-    def result(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "test_loss": self.loss_sum / self.seen,
-            "test_accuracy": self.correct / self.seen,
-        }
+    def result(self) -> EvalResult:
+        seen = self.seen
+        return EvalResult(self.step, self.loss_sum / seen, self.correct / seen, time.time())
 
 
 @dataclass
@@ -101,7 +139,7 @@ class RunnerFigures:
     target_wait_s: float = 0.0
     depth_sum: int = 0
     depth_samples: int = 0
-    evals: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[EvalResult] = field(default_factory=list)
 
 
 class StageRunner:
@@ -110,7 +148,7 @@ class StageRunner:
 
     def __init__(
         self,
-        stage: Stage,
+        stage: MethodStage,
         settings: RunnerSettings,
         *,
         forward_in: Receiver | None = None,
@@ -137,12 +175,12 @@ class StageRunner:
         self.save = save
         self.saved: list[int] = []
         self._checkpoint_requested = threading.Event()
-        self.error: str | None = None
-        self.error_kind: str | None = None
+        self.error: StageError | None = None
         self.done = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._eval: EvalTally | None = None
+        self._backward_seq = -1  # the newest micro-batch whose backward message was handled
         self.started_at = time.perf_counter()
 
     # -- control (called from other threads) -------------------------------------------------
@@ -168,72 +206,56 @@ class StageRunner:
     def run(self) -> None:
         self.started_at = time.perf_counter()
         try:
-            if self.settings.method == "pipeline":
-                self._run_pipeline()
-            else:
-                self._run_unlocked()
-        except ChannelClosed as err:
+            self._run()
+        except ChannelClosed:
             if not self._stop.is_set():
-                self.error = f"stage {self.stage.index}: a channel closed before the end"
-                self.error_kind = type(err).__name__
-        except Exception as err:  # reported to the controller, which decides
-            self.error = traceback.format_exc()
-            self.error_kind = type(err).__name__
+                message = f"stage {self.stage.index}: a channel closed before the end"
+                self.error = StageError(ErrorKind.CHANNEL_CLOSED, message)
+        except NonFiniteError as err:
+            self.error = StageError(ErrorKind.NON_FINITE, str(err))
+        except Exception:  # reported to the controller, which decides
+            self.error = StageError(ErrorKind.EXCEPTION, traceback.format_exc())
         finally:
             self.done.set()
 
-    def _run_unlocked(self) -> None:
-        """DNI/cDNI (and single-stage backprop): update at once, apply targets as they come."""
-        stage, total = self.stage, self.settings.schedule.total_steps
-        for message in self._train_inputs(between=lambda: self._apply_targets(wait_for=None)):
-            result = stage.train_step(message.seq, message.activations, message.labels)
-            if result.activations is not None:
-                self._send_forward(
-                    ForwardMessage(message.seq, Kind.TRAIN, result.activations, message.labels)
-                )
-            if result.target is not None and self.backward_out is not None:
-                self.backward_out.send(BackwardMessage(message.seq, result.target))
-            self.step = message.seq + 1
-            if self.settings.lockstep and self.backward_in is not None:
-                self._apply_targets(wait_for=message.seq)
-            if stage.is_first:
-                self._after_step(message.seq, total)
-
-    def _run_pipeline(self) -> None:
-        """GPipe with a flush: all micro-batches forward, all backward, then one update.
-
-        A stage starts on each micro-batch as soon as it arrives, so stage k + 1 computes
-        micro-batch i while stage k computes micro-batch i + 1."""
+    def _run(self) -> None:
+        """Each step: its micro-batches forward as they arrive, the backward messages the
+        method waits for, the end of the step; backward messages that come on their own time
+        are handled between steps (and, in lockstep, before the next one)."""
         stage, m = self.stage, self.settings.micro_batches
-        for message in self._train_inputs():
-            step = message.seq if stage.is_first else self.step
-            micro_batches = (
-                zip(message.activations.chunk(m), message.labels.chunk(m), strict=True)
-                if stage.is_first
-                else self._arriving_micro_batches(message, m)
-            )
-            for micro, (x, y) in enumerate(micro_batches):
-                result = stage.forward_hold(micro, x, y, m)
-                if result.activations is not None:
-                    self._send_forward(ForwardMessage(micro, Kind.TRAIN, result.activations, y))
-                if result.target is not None and self.backward_out is not None:
-                    self.backward_out.send(BackwardMessage(micro, result.target))
-            if not stage.is_last:
-                for _ in range(m):
-                    target = self._recv_target()
-                    grad = stage.backward_held(target.seq, target.target)
-                    if grad is not None and self.backward_out is not None:
-                        self.backward_out.send(BackwardMessage(target.seq, grad))
-            stage.apply_update()
+        for step, micro_batches in self._training_steps():
+            for message in micro_batches:
+                self._send(message, stage.forward(message.seq, message.activations, message.labels))
+            while stage.backward_due():
+                self._on_backward(self._recv_target())
+            stage.end_step()
             self.step = step + 1
+            if self.settings.lockstep and stage.expects_backward:
+                self._take_backward(until=(step + 1) * m - 1)
             if stage.is_first:
-                self._after_step(step, self.settings.schedule.total_steps)
+                self._after_step(step)
 
-    def _arriving_micro_batches(
-        self, first: ForwardMessage, m: int
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``first`` and the batch's other m - 1 micro-batches, each as soon as it arrives."""
-        yield first.activations, first.labels
+    def _training_steps(self) -> Iterator[tuple[int, Iterator[ForwardMessage]]]:
+        """(step, its micro-batches as they arrive). Micro-batch j of step s is ``seq``
+        s * m + j; stage 0 cuts them from its batch, the others receive them."""
+        m = self.settings.micro_batches
+        for message in self._train_inputs(between=lambda: self._take_backward(until=None)):
+            if self.stage.is_first:
+                step = message.seq
+                parts = zip(message.activations.chunk(m), message.labels.chunk(m), strict=True)
+                yield (
+                    step,
+                    (
+                        ForwardMessage(step * m + j, Kind.TRAIN, x, y)
+                        for j, (x, y) in enumerate(parts)
+                    ),
+                )
+            else:
+                yield message.seq // m, self._arriving_micro_batches(message, m)
+
+    def _arriving_micro_batches(self, first: ForwardMessage, m: int) -> Iterator[ForwardMessage]:
+        """``first`` and the step's other m - 1 micro-batches, each as soon as it arrives."""
+        yield first
         for _ in range(m - 1):
             message = self._next_input()
             while message is None:
@@ -245,7 +267,7 @@ class StageRunner:
                 raise RuntimeError(
                     f"stage {self.stage.index}: {message.kind.name} message inside a batch"
                 )
-            yield message.activations, message.labels
+            yield message
 
     def _train_inputs(self, between: Callable[[], None] = lambda: None) -> Iterator[ForwardMessage]:
         """The TRAIN messages in order, with the STOP, EVAL and CHECKPOINT messages between them
@@ -272,6 +294,21 @@ class StageRunner:
         return False
 
     # -- pieces ------------------------------------------------------------------------------
+    def _send(self, message: ForwardMessage, sends: Sends) -> None:
+        """What the method returned for micro-batch ``message``: on, back, or both."""
+        if sends.forward is not None:
+            self._send_forward(
+                ForwardMessage(message.seq, Kind.TRAIN, sends.forward, message.labels)
+            )
+        if sends.backward is not None and self.backward_out is not None:
+            self.backward_out.send(BackwardMessage(message.seq, sends.backward))
+
+    def _on_backward(self, message: BackwardMessage) -> None:
+        self._backward_seq = max(self._backward_seq, message.seq)
+        sends = self.stage.backward(message.seq, message.target)
+        if sends.backward is not None and self.backward_out is not None:
+            self.backward_out.send(BackwardMessage(message.seq, sends.backward))
+
     def _next_input(self) -> ForwardMessage | None:
         """Stage 0 reads the stream; the others wait (briefly, to re-check stop) for a message."""
         if self.stage.is_first:
@@ -301,39 +338,37 @@ class StageRunner:
                 if message is not None:
                     assert isinstance(message, BackwardMessage)
                     return message
-            raise ChannelClosed("stopped while waiting for a target")
+            raise ChannelClosed("stopped while waiting for a backward message")
         finally:
             self.figures.target_wait_s += time.perf_counter() - start
 
-    def _apply_targets(self, wait_for: int | None) -> None:
-        """Train the synthesizer on every target that has arrived; with ``wait_for``, block
-        until the target of that step has been applied (lockstep)."""
-        if self.backward_in is None or self.stage.synthesizer is None:
+    def _take_backward(self, until: int | None) -> None:
+        """Handle every backward message that has arrived; with ``until``, first block until
+        the one for micro-batch ``until`` has been handled (lockstep)."""
+        if self.backward_in is None or not self.stage.expects_backward:
             return
         while True:
-            if wait_for is not None:
+            if until is not None and self._backward_seq < until:
                 message: Message | None = self._recv_target()
             else:
                 message = self.backward_in.recv(timeout=0)
             if message is None:
                 return
             assert isinstance(message, BackwardMessage)
-            self.stage.train_synthesizer(message.seq, message.target)
-            if wait_for is not None and message.seq >= wait_for:
-                return
+            self._on_backward(message)
 
-    def _after_step(self, seq: int, total: int) -> None:
+    def _after_step(self, step: int) -> None:
         """Stage 0: a checkpoint marker and, at an evaluation point, the test set follow the
         training batch."""
         schedule = self.settings.schedule
-        if self._checkpoint_requested.is_set() or schedule.checkpoint_after(seq):
+        if self._checkpoint_requested.is_set() or schedule.checkpoint_after(step):
             self._checkpoint_requested.clear()
-            self._checkpoint(seq + 1)
-        if not schedule.evaluate_after(seq) or self.test is None:
+            self._checkpoint(step + 1)
+        if not schedule.evaluate_after(step) or self.test is None:
             return
         x, y, batch_size = self.test
         for x_b, y_b in eval_batches(x, y, batch_size):
-            self._evaluate(ForwardMessage(seq + 1, Kind.EVAL, x_b, y_b))
+            self._evaluate(ForwardMessage(step + 1, Kind.EVAL, x_b, y_b))
 
     def _checkpoint(self, step: int) -> None:
         """Save this stage's part of the cut at ``step``, then pass the marker on."""
@@ -356,12 +391,9 @@ class StageRunner:
         tally.loss_sum += float(F.cross_entropy(out, labels, reduction="sum"))
         tally.correct += int((out.argmax(1) == labels).sum())
         tally.seen += labels.shape[0]
-        if self._eval_complete(tally):
+        if self.num_test_samples > 0 and tally.seen >= self.num_test_samples:
             self.figures.evals.append(tally.result())
             self._eval = None
-
-    def _eval_complete(self, tally: EvalTally) -> bool:
-        return self.num_test_samples > 0 and tally.seen >= self.num_test_samples
 
     def _sample_depth(self) -> None:
         if self.forward_in is not None:
@@ -369,26 +401,26 @@ class StageRunner:
             self.figures.depth_samples += 1
 
     # -- figures -----------------------------------------------------------------------------
-    def poll(self) -> dict[str, Any]:
+    def poll(self) -> StagePoll:
         """Figures since the last poll, and evaluation results finished since then.
 
         Called from the control thread while the loop runs: it only reads counters and swaps
         lists, so a stale-by-one value is possible and harmless."""
-        stats = self.stage.stats.snapshot()
         evals, self.figures.evals = self.figures.evals, []
         saved, self.saved = self.saved, []
-        return {
-            "index": self.stage.index,
-            "step": self.step,
-            "done": self.done.is_set(),
-            "error": self.error,
-            "error_kind": self.error_kind,
-            "evals": evals,
-            "saved": saved,
-            **stats,
-            **self._runner_figures(),
-            **self._staleness_counts(),
-        }
+        return StagePoll(
+            index=self.stage.index,
+            step=self.step,
+            done=self.done.is_set(),
+            error=self.error,
+            evals=evals,
+            saved=saved,
+            figures={
+                **self.stage.stats.snapshot(),
+                **self._runner_figures(),
+                **self._staleness_counts(),
+            },
+        )
 
     def _staleness_counts(self) -> dict[str, Any]:
         """The whole run's staleness distribution (a few ints). ``dict()`` copies the Counter in
@@ -397,26 +429,33 @@ class StageRunner:
         return {"staleness_counts": counts} if counts else {}
 
     def final_figures(self) -> dict[str, Any]:
-        stats = self.stage.stats
         wall = max(time.perf_counter() - self.started_at, 1e-9)
-        return {
-            "index": self.stage.index,
-            "steps": stats.steps,
-            "samples_per_s": stats.samples / wall,
-            "busy_fraction": stats.compute_s / wall,
-            **stats.run_figures(),
-            **self._runner_figures(),
-            "device": str(self.stage.device),
-        }
+        return stage_summary_figures(self.stage, wall, self._runner_figures())
 
     def _runner_figures(self) -> dict[str, Any]:
         f = self.figures
         return {
             "rss_mb": resident_mb(),
-            "history": len(self.stage.history),
+            "history": self.stage.held(),
             "input_wait_s": f.input_wait_s,
             "target_wait_s": f.target_wait_s,
             "channel_depth": f.depth_sum / f.depth_samples if f.depth_samples else 0.0,
             "targets_dropped": self.dropped_targets(),
             **(gpu_figures(self.stage.device) if self.stage.device.type == "cuda" else {}),
         }
+
+
+def stage_summary_figures(
+    stage: MethodStage, wall_s: float, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """A stage's figures over the whole run (both trainers' summary.json entries)."""
+    stats = stage.stats
+    return {
+        "index": stage.index,
+        "steps": stats.steps,
+        "samples_per_s": stats.samples / wall_s if wall_s > 0 else None,
+        "busy_fraction": stats.compute_s / wall_s if wall_s > 0 else None,
+        **stats.run_figures(),
+        **extra,
+        "device": str(stage.device),
+    }

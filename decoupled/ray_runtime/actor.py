@@ -20,6 +20,7 @@ from decoupled.channel import Policy, Receiver, Sender
 from decoupled.checkpoint import Cut, load_stage, save_stage
 from decoupled.config import parse_config
 from decoupled.data import TrainStream, load_dataset
+from decoupled.methods import method_for
 from decoupled.ray_runtime.transport_ray import OrderedInbox, RaySender, WireMessage
 from decoupled.ray_runtime.transport_torch import (
     TorchReceiver,
@@ -28,7 +29,7 @@ from decoupled.ray_runtime.transport_torch import (
     free_port,
     open_process_group,
 )
-from decoupled.runner import RunnerSettings, StageRunner
+from decoupled.runner import RunnerSettings, StagePoll, StageRunner
 from decoupled.schedule import Schedule
 
 
@@ -53,11 +54,12 @@ class StageActor:
         # Ray has set CUDA_VISIBLE_DEVICES to this actor's GPU share by now, so cuda:0 is ours.
         self.device = torch.device("cuda:0" if ray.get_gpu_ids() else "cpu")
         self.stage = build_stage(self.cfg, index, input_shape, num_classes, self.device)
-        capacity = self.cfg.runtime.channel_capacity
-        # Pipeline flushes wait for all micro-batch gradients: none of them may be dropped.
-        back_capacity = max(capacity, self.cfg.method.micro_batches)
-        self.inbox_forward = OrderedInbox(capacity, Policy.BLOCK)
-        self.inbox_backward = OrderedInbox(back_capacity, Policy.DROP_OLDEST)
+        self.micro_batches = method_for(self.cfg).micro_batches()
+        # A step that waits for all its micro-batches' gradients must never lose one of them.
+        self.back_capacity = max(self.cfg.runtime.channel_capacity, self.micro_batches)
+        # The Ray plane's receiving ends (connect_ray); the torch plane has its own.
+        self.inbox_forward: OrderedInbox | None = None
+        self.inbox_backward: OrderedInbox | None = None
         self.runner: StageRunner | None = None
         self._edges: dict[str, Any] = {}
 
@@ -81,7 +83,6 @@ class StageActor:
         open_process_group(self.index, self.num_stages, address, port, backend, timeout_s)
         wire = self.device if backend == "nccl" else torch.device("cpu")
         capacity = self.cfg.runtime.channel_capacity
-        back_capacity = max(capacity, self.cfg.method.micro_batches)
         i = self.index
         if i > 0:
             self._edges["forward_in"] = TorchReceiver(
@@ -91,22 +92,26 @@ class StageActor:
         if i < self.num_stages - 1:
             self._edges["forward_out"] = TorchSender(i + 1, "forward", wire)
             self._edges["backward_in"] = TorchReceiver(
-                i + 1, "backward", back_capacity, Policy.DROP_OLDEST, wire
+                i + 1, "backward", self.back_capacity, Policy.DROP_OLDEST, wire
             )
 
     def connect_ray(self, previous: Any | None, following: Any | None) -> None:
         capacity = self.cfg.runtime.channel_capacity
         if previous is not None:
+            self.inbox_forward = OrderedInbox(capacity, Policy.BLOCK)
             self._edges["forward_in"] = self.inbox_forward.channel
             self._edges["backward_out"] = RaySender(previous, "deliver_backward", capacity)
         if following is not None:
+            self.inbox_backward = OrderedInbox(self.back_capacity, Policy.DROP_OLDEST)
             self._edges["forward_out"] = RaySender(following, "deliver_forward", capacity)
             self._edges["backward_in"] = self.inbox_backward.channel
 
     def deliver_forward(self, number: int, message: WireMessage) -> None:
+        assert self.inbox_forward is not None, "deliver_forward before connect_ray"
         self.inbox_forward.deliver(number, message, self.cfg.runtime.timeout_s)
 
     def deliver_backward(self, number: int, message: WireMessage) -> None:
+        assert self.inbox_backward is not None, "deliver_backward before connect_ray"
         self.inbox_backward.deliver(number, message, self.cfg.runtime.timeout_s)
 
     def start(self, steps_per_epoch: int, num_test_samples: int, resume: Cut | None) -> None:
@@ -122,9 +127,8 @@ class StageActor:
             stream = TrainStream(dataset.train_x, dataset.train_y, cfg.data.batch_size, cfg.seed)
             test = (dataset.test_x, dataset.test_y, cfg.data.eval_batch_size)
         settings = RunnerSettings(
-            method=cfg.method.name,
             schedule=Schedule.from_config(cfg.train, steps_per_epoch, cfg.checkpoint.every),
-            micro_batches=cfg.method.micro_batches,
+            micro_batches=self.micro_batches,
             lockstep=cfg.runtime.lockstep,
             send_timeout_s=cfg.runtime.timeout_s,
         )
@@ -154,7 +158,7 @@ class StageActor:
         assert self.runner is not None
         self.runner.request_checkpoint()
 
-    def poll(self) -> dict[str, Any]:
+    def poll(self) -> StagePoll:
         assert self.runner is not None
         return self.runner.poll()
 
@@ -171,10 +175,7 @@ class StageActor:
             close = getattr(sender, "close", None)
             if close is not None:
                 close()
-        figures = self.runner.final_figures()
-        figures.update(self.describe())
-        figures["error"] = self.runner.error
-        return figures
+        return self.runner.final_figures() | self.describe()
 
     def shutdown(self) -> None:
         for edge in self._edges.values():
@@ -182,6 +183,3 @@ class StageActor:
             if close is not None and not isinstance(edge, RaySender):
                 close()
         close_process_group()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.stage.state_dict()

@@ -12,6 +12,7 @@ retried: the same data would give the same NaN.
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import os
@@ -39,6 +40,7 @@ from decoupled.metrics import (
 from decoupled.models import activation_shapes, build_stage_modules
 from decoupled.ray_runtime.actor import StageActor
 from decoupled.ray_runtime.plan import StageResources, choose_transport, plan_resources
+from decoupled.runner import ErrorKind, StagePoll
 from decoupled.schedule import Schedule
 from decoupled.stage import NonFiniteError
 
@@ -50,6 +52,21 @@ INTERRUPT_CHECKPOINT_S = 60.0  # how long a signalled run waits for its last cut
 
 class StageFailed(RuntimeError):
     """A stage actor raised, died, or stopped making progress: worth a restart."""
+
+
+class JobState(enum.Enum):
+    """Where a job's run loop is (Ray Train v2's controller keeps the same kind of state)."""
+
+    STARTING = "starting"  # placing the actors, wiring them, restoring the last cut
+    RUNNING = "running"  # polling until every stage is done
+    RESTARTING = "restarting"  # a failure: tear down, then start again from the last cut
+    STOPPING = "stopping"  # every stage done: collect the final figures
+    DONE = "done"
+
+
+def after_failure(restarts: int, max_failures: int) -> JobState | None:
+    """The state after a failure, or None when the job must give up."""
+    return JobState.RESTARTING if restarts < max_failures else None
 
 
 def init_ray(cfg: Config) -> bool:
@@ -198,18 +215,30 @@ class RayJob:
     # -- the run -------------------------------------------------------------------------------
     def run(self, out_dir: Path | None) -> dict[str, Any]:
         cfg = self.cfg
+        finals: list[dict[str, Any]] = []
         with RunLog(out_dir, self.schedule.total_steps, cfg.train.progress, cfg) as run_log:
-            while True:
+            state, failure = JobState.STARTING, None
+            while state is not JobState.DONE:
                 try:
-                    self.launch()
-                    self._all("start", self.steps_per_epoch, self.num_test, self._last_cut)
-                    self._watch(run_log)
-                    finals = self._all("finish", CONTROL_TIMEOUT_S)
-                    break
-                except StageFailed as failure:
-                    if self.restarts >= cfg.runtime.max_failures:
+                    if state is JobState.STARTING:
+                        self.launch()
+                        self._all("start", self.steps_per_epoch, self.num_test, self._last_cut)
+                        state = JobState.RUNNING
+                    elif state is JobState.RUNNING:
+                        self._watch(run_log)
+                        state = JobState.STOPPING
+                    elif state is JobState.STOPPING:
+                        finals = self._all("finish", CONTROL_TIMEOUT_S)
+                        state = JobState.DONE
+                    elif state is JobState.RESTARTING:
+                        assert failure is not None
+                        self._restart(run_log, failure)
+                        state = JobState.STARTING
+                except StageFailed as err:
+                    next_state = after_failure(self.restarts, cfg.runtime.max_failures)
+                    if next_state is None:
                         raise
-                    self._restart(run_log, failure)
+                    state, failure = next_state, err
             wall_s = run_log.wall_s()
             progress = run_log.progress
         plane, backend = self.transport
@@ -272,33 +301,39 @@ class RayJob:
         interrupted_at: float | None = None
         while True:
             time.sleep(POLL_INTERVAL_S)
-            polls = self._all("poll", timeout=poll_timeout)
+            polls: list[StagePoll] = sorted(
+                self._all("poll", timeout=poll_timeout), key=lambda p: p.index
+            )
             for poll in polls:  # seal what was saved before a failure: the last good cut
                 self._record_saved(poll)
             for poll in polls:
-                if poll["error"]:
-                    message = f"stage {poll['index']} failed:\n{poll['error']}"
-                    if poll["error_kind"] == NonFiniteError.__name__:
-                        raise NonFiniteError(message.splitlines()[-1])
-                    raise StageFailed(message)
-            step = polls[-1]["step"]
+                if poll.error is None:
+                    continue
+                if poll.error.kind is ErrorKind.NON_FINITE:
+                    raise NonFiniteError(poll.error.message)
+                raise StageFailed(f"stage {poll.index} failed:\n{poll.error.message}")
+            last = polls[self.k - 1]
+            step = last.step
             run_log.advance(0, position=step)
             record = self._train_record(polls, run_log.wall_s())
             self._train_loss = record.get("train_loss", self._train_loss)
             run_log.write(record)
-            for result in polls[-1]["evals"]:
-                self._test = result
+            for result in last.evals:
+                self._test = {"test_loss": result.test_loss, "test_accuracy": result.test_accuracy}
                 run_log.write(
                     {
+                        # When the last stage finished it, not when this poll brought it.
+                        "wall_s": round(run_log.since_start(result.at), 4),
                         "event": "eval",
-                        "samples": result["step"] * batch,
-                        "epoch": result["step"] / self.steps_per_epoch,
-                        **result,
+                        "step": result.step,
+                        "samples": result.step * batch,
+                        "epoch": result.step / self.steps_per_epoch,
+                        **self._test,
                     }
                 )
             if self.stop.requested:
-                interrupted_at = self._interrupt(interrupted_at, polls[0]["step"])
-            if all(p["done"] for p in polls):
+                interrupted_at = self._interrupt(interrupted_at, polls[0].step)
+            if all(p.done for p in polls):
                 return
             if step != last_step:
                 last_progress, last_step = time.monotonic(), step
@@ -307,10 +342,10 @@ class RayJob:
                     f"no progress for {cfg.runtime.stall_timeout_s:g}s at step {step}"
                 )
 
-    def _record_saved(self, poll: dict[str, Any]) -> None:
-        for step in poll["saved"]:
+    def _record_saved(self, poll: StagePoll) -> None:
+        for step in poll.saved:
             stages = self._saved.setdefault(step, set())
-            stages.add(poll["index"])
+            stages.add(poll.index)
             if len(stages) == self.k and self.checkpoints is not None:
                 self._last_cut = commit_cut(
                     self.checkpoints,
@@ -339,27 +374,25 @@ class RayJob:
             raise Interrupted(self.stop.signum, step, str(cut.path) if cut else None)
         return since
 
-    def _train_record(self, polls: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
-        last = polls[-1]
-        step = last["step"]
+    def _train_record(self, polls: list[StagePoll], wall_s: float) -> dict[str, Any]:
+        last = polls[self.k - 1]
+        step = last.step
         record: dict[str, Any] = {
             "event": "train",
             "step": step,
             "samples": step * self.cfg.data.batch_size,
             "epoch": step / self.steps_per_epoch,
             "samples_per_s": (step - self.first_step) * self.cfg.data.batch_size / wall_s,
-            "train_loss": last["train_loss"],
-            "train_accuracy": last["train_accuracy"],
+            "train_loss": last.figures.get("train_loss"),
+            "train_accuracy": last.figures.get("train_accuracy"),
         }
         for poll in polls:
-            poll["busy_fraction"] = poll["compute_s"] / wall_s
-            poll["restarts"] = self.restarts
-            record.update(stage_record(poll["index"], poll))
+            figures = poll.figures | {
+                "busy_fraction": poll.figures["compute_s"] / wall_s,
+                "restarts": self.restarts,
+            }
+            record.update(stage_record(poll.index, figures))
         return {k: v for k, v in record.items() if v is not None}
-
-    def state_dicts(self) -> list[dict[str, Any]]:
-        """Every stage's module, synthesizer and optimizer states, in stage order."""
-        return self._all("state_dict")
 
     def teardown(self, graceful: bool = True) -> None:
         """Stop and release everything this job started, bounded in time whatever its state.

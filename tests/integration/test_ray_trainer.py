@@ -9,9 +9,11 @@ from typing import Any
 import pytest
 import torch
 
+from decoupled.checkpoint import latest_cut, load_stage
+from decoupled.config import Config
 from decoupled.data import Dataset
 from decoupled.local import LocalTrainer
-from decoupled.ray_runtime.controller import RayJob, train_on_ray
+from decoupled.ray_runtime.controller import train_on_ray
 from tests.conftest import digits_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_cluster")]
@@ -53,19 +55,21 @@ def test_actors_reach_the_in_process_accuracy(
     assert sum(r["event"] == "eval" for r in evals) == EPOCHS
 
 
-def _states(job: RayJob) -> list[dict[str, Any]]:
-    try:
-        job.run(None)
-        return job.state_dicts()
-    finally:
-        job.teardown()
+def _states(cfg: Config, digits: Dataset, out: Path) -> list[dict[str, Any]]:
+    """Every stage's state at the end of a run on actors, read from the run's last cut."""
+    train_on_ray(cfg, digits, out)
+    cut = latest_cut(out / "checkpoints")
+    assert cut is not None
+    return [load_stage(cut, i, torch.device("cpu")) for i in range(cut.num_stages)]
 
 
 @pytest.mark.parametrize("transport", ["torch", "ray"])
-def test_lockstep_actors_reproduce_the_in_process_trainer(digits: Dataset, transport: str) -> None:
+def test_lockstep_actors_reproduce_the_in_process_trainer(
+    digits: Dataset, tmp_path: Path, transport: str
+) -> None:
     common = ["method.name=cdni", "stages=3", "train.steps=20", "model.hidden=64"]
     cfg = digits_config(*common, "runtime.lockstep=true", f"runtime.transport={transport}")
-    states = _states(RayJob(cfg, digits))
+    states = _states(cfg, digits, tmp_path)
     local = LocalTrainer(digits_config(*common, "runtime.backend=local"), digits)
     _one_thread_reference(local)
     for state, stage in zip(states, local.stages, strict=True):
@@ -91,7 +95,7 @@ def _one_thread_reference(local: LocalTrainer) -> None:
 
 
 @pytest.mark.parametrize("transport", ["torch", "ray"])
-def test_pipeline_actors_equal_backprop(digits: Dataset, transport: str) -> None:
+def test_pipeline_actors_equal_backprop(digits: Dataset, tmp_path: Path, transport: str) -> None:
     """GPipe on three actors, micro-batches streamed between them, is backprop's update."""
     common = ["model.batch_norm=false", "train.steps=8", "optim.lr=0.01", "model.hidden=64"]
     cfg = digits_config(
@@ -101,7 +105,7 @@ def test_pipeline_actors_equal_backprop(digits: Dataset, transport: str) -> None
         "method.micro_batches=4",
         f"runtime.transport={transport}",
     )
-    states = _states(RayJob(cfg, digits))
+    states = _states(cfg, digits, tmp_path)
     local = LocalTrainer(digits_config(*common, "method.name=backprop"), digits)
     _one_thread_reference(local)
     expected = [v for stage in local.stages for v in stage.state_dict()["module"].values()]

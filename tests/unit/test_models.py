@@ -8,6 +8,7 @@ from torch import nn
 
 from decoupled.build import build_stages
 from decoupled.config import ConfigError, ModelConfig, block_count, parse_config
+from decoupled.methods.dni import SynthesizerStage
 from decoupled.models import activation_shapes, build_stage_modules, stage_ranges
 from decoupled.synthesizer import ConvSynthesizer, MLPSynthesizer
 
@@ -64,8 +65,9 @@ def test_cnn_stages_use_conv_synthesizers_and_train() -> None:
     )
     stages = build_stages(cfg, (3, 32, 32), 10)
     assert block_count(cfg.model) == 4  # three conv blocks and the classifier
-    assert [type(s.synthesizer) for s in stages] == [ConvSynthesizer, ConvSynthesizer, type(None)]
-    first = stages[0].synthesizer
+    synthesizers = [getattr(s, "synthesizer", None) for s in stages]
+    assert [type(s) for s in synthesizers] == [ConvSynthesizer, ConvSynthesizer, type(None)]
+    first = synthesizers[0]
     assert first is not None and first.activation_shape == (
         8,
         8,
@@ -75,10 +77,10 @@ def test_cnn_stages_use_conv_synthesizers_and_train() -> None:
     for seq in range(2):
         h = x
         for stage in stages:
-            result = stage.train_step(seq, h, y)
-            if result.target is not None:
-                stages[stage.index - 1].train_synthesizer(seq, result.target)
-            h = result.activations if result.activations is not None else h
+            sends = stage.forward(seq, h, y)
+            if sends.backward is not None:
+                stages[stage.index - 1].backward(seq, sends.backward)
+            h = sends.forward if sends.forward is not None else h
     assert all(s.stats.steps == 2 for s in stages)
     assert stages[0].stats.sg_updates == 2
 
@@ -95,6 +97,7 @@ def test_fcn_boundary_after_the_last_hidden_layer_gives_an_mlp_sg_on_the_hidden_
         ],
     )
     first, _ = build_stages(cfg, (1, 8, 8), 10)
+    assert isinstance(first, SynthesizerStage)
     assert isinstance(first.synthesizer, MLPSynthesizer)
     assert first.synthesizer.activation_shape == (16,)
 

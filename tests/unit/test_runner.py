@@ -13,6 +13,8 @@ from decoupled.channel import LocalChannel, Policy
 from decoupled.config import Config
 from decoupled.data import Dataset, TrainStream
 from decoupled.local import LocalTrainer
+from decoupled.methods import method_for
+from decoupled.methods.dni import SynthesizerStage
 from decoupled.runner import RunnerSettings, StageRunner
 from decoupled.schedule import Schedule
 from tests.conftest import small_config
@@ -23,9 +25,8 @@ def run_threads(cfg: Config, digits: Dataset, capacity: int = 2) -> list[StageRu
     stages = build_stages(cfg, digits.input_shape, digits.num_classes)
     stream = TrainStream(digits.train_x, digits.train_y, cfg.data.batch_size, cfg.seed)
     settings = RunnerSettings(
-        method=cfg.method.name,
         schedule=Schedule.from_config(cfg.train, stream.steps_per_epoch),
-        micro_batches=cfg.method.micro_batches,
+        micro_batches=method_for(cfg).micro_batches(),
         lockstep=cfg.runtime.lockstep,
         send_timeout_s=30,
     )
@@ -78,21 +79,21 @@ def test_lockstep_threads_reproduce_the_local_trainer(digits: Dataset, method: s
     for a, b in zip(_params([r.stage for r in runners]), _params(local.stages), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for runner, stage in zip(runners[:-1], local.stages[:-1], strict=True):
-        assert stage.synthesizer is not None and runner.stage.synthesizer is not None
+        assert isinstance(stage, SynthesizerStage) and isinstance(runner.stage, SynthesizerStage)
         for a, b in zip(
             runner.stage.synthesizer.parameters(), stage.synthesizer.parameters(), strict=True
         ):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # Evaluations flowed through the stages: after steps 10, 20 and at the end (25).
-    assert [e["step"] for e in runners[-1].poll()["evals"]] == [10, 20, 25]
+    assert [e.step for e in runners[-1].poll().evals] == [10, 20, 25]
 
 
 def test_asynchronous_threads_learn_and_keep_bounds(digits: Dataset) -> None:
     cfg = small_config(["method.name=cdni", "stages=3", "train.epochs=8", "model.hidden=64"])
     runners = run_threads(cfg, digits, capacity=1)
-    evals = runners[-1].poll()["evals"]
+    evals = runners[-1].poll().evals
     assert len(evals) == 8
-    assert evals[-1]["test_accuracy"] > 0.85
+    assert evals[-1].test_accuracy > 0.85
     for runner in runners:
         figures = runner.final_figures()
         assert figures["steps"] == 8 * (1438 // 64)

@@ -1,4 +1,5 @@
-"""Stage step logic: the update-unlock, the targets, and equivalence with backprop."""
+"""DNI's stage logic on the method interface: the update-unlock, the targets, and equivalence
+with backprop."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import torch.nn.functional as F
 from decoupled.build import build_stage, build_stages
 from decoupled.data import Dataset, TrainStream
 from decoupled.local import LocalTrainer
-from decoupled.stage import NonFiniteError, Stage
+from decoupled.methods import MethodStage
+from decoupled.methods.dni import SynthesizerStage
+from decoupled.stage import NonFiniteError
 from decoupled.synthesizer import Synthesizer
 from tests.conftest import small_config
 
@@ -29,7 +32,7 @@ class OracleSynthesizer(Synthesizer):
 
 
 def _true_output_gradients(
-    stages: list[Stage], x: torch.Tensor, y: torch.Tensor
+    stages: list[MethodStage], x: torch.Tensor, y: torch.Tensor
 ) -> list[torch.Tensor]:
     """∂L/∂h_i for every non-last stage, on copies (so batch-norm statistics are not touched)."""
     modules = [copy.deepcopy(s.module) for s in stages]
@@ -41,7 +44,7 @@ def _true_output_gradients(
     return list(torch.autograd.grad(F.cross_entropy(h, y), outputs[:-1]))
 
 
-def _params(stages: list[Stage]) -> list[torch.Tensor]:
+def _params(stages: list[MethodStage]) -> list[torch.Tensor]:
     return [p.detach().clone() for s in stages for p in s.module.parameters()]
 
 
@@ -57,7 +60,7 @@ def test_perfect_sg_with_zero_delay_equals_backprop(digits: Dataset, optim: str)
     assert len(reference) == 1
     oracles = []
     for stage in stages[:-1]:
-        assert stage.synthesizer is not None
+        assert isinstance(stage, SynthesizerStage)
         oracle = OracleSynthesizer(stage.synthesizer.activation_shape)
         stage.synthesizer = oracle
         oracles.append(oracle)
@@ -70,9 +73,9 @@ def test_perfect_sg_with_zero_delay_equals_backprop(digits: Dataset, optim: str)
             oracle.gradient = grad
         h = x
         for stage in stages:
-            result = stage.train_step(seq, h, y)
-            h = result.activations if result.activations is not None else h
-        reference[0].train_step(seq, x, y)
+            sends = stage.forward(seq, h, y)
+            h = sends.forward if sends.forward is not None else h
+        reference[0].forward(seq, x, y)
     after, expected = _params(stages), _params(reference)
     assert not all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     for a, b in zip(after, expected, strict=True):
@@ -83,7 +86,7 @@ def test_bootstrapped_target_is_the_input_gradient_of_the_sg(digits: Dataset) ->
     """g_{i-1} = (∂h_i/∂h_{i-1})ᵀ δ̂_i: checked against autograd on a copy of the stage."""
     cfg = small_config(["method.name=dni", "stages=3"])
     stage = build_stage(cfg, 1, digits.input_shape, 10)
-    assert stage.synthesizer is not None
+    assert isinstance(stage, SynthesizerStage)
     torch.nn.init.normal_(stage.synthesizer.output_layer.weight)  # a non-zero SG
     x = torch.randn(16, 32)
     y = torch.randint(0, 10, (16,))
@@ -93,9 +96,9 @@ def test_bootstrapped_target_is_the_input_gradient_of_the_sg(digits: Dataset) ->
     with torch.no_grad():
         grad = stage.synthesizer(hr.detach(), y)
     (expected,) = torch.autograd.grad(hr, xr, grad)
-    result = stage.train_step(0, x, y)
-    assert result.target is not None
-    torch.testing.assert_close(result.target, expected)
+    sends = stage.forward(0, x, y)
+    assert sends.backward is not None
+    torch.testing.assert_close(sends.backward, expected)
 
 
 def test_zero_initialised_sg_leaves_weights_unchanged_on_first_step(digits: Dataset) -> None:
@@ -103,13 +106,13 @@ def test_zero_initialised_sg_leaves_weights_unchanged_on_first_step(digits: Data
     stage = build_stage(cfg, 0, digits.input_shape, 10)
     x, y = digits.train_x[:32], digits.train_y[:32]
     before = _params([stage])
-    result = stage.train_step(0, x, y)
-    assert result.target is None  # the first stage has nobody to send a target to
+    sends = stage.forward(0, x, y)
+    assert sends.backward is None  # the first stage has nobody to send a target to
     assert all(torch.equal(a, b) for a, b in zip(before, _params([stage]), strict=True))
     # ...whereas an SG that predicts something does move them (the check above can fail).
-    assert stage.synthesizer is not None
+    assert isinstance(stage, SynthesizerStage)
     torch.nn.init.constant_(stage.synthesizer.output_layer.weight, 1e-3)
-    stage.train_step(1, x, y)
+    stage.forward(1, x, y)
     assert not all(torch.equal(a, b) for a, b in zip(before, _params([stage]), strict=True))
 
 
@@ -157,17 +160,17 @@ def test_non_finite_activation_stops_with_a_clear_error(digits: Dataset) -> None
     x = digits.train_x[:8].clone()
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match="stage 0: non-finite activation at step 7"):
-        stage.train_step(7, x, digits.train_y[:8])
+        stage.forward(7, x, digits.train_y[:8])
 
 
 def test_infinite_target_stops_before_the_synthesizer_moves(digits: Dataset) -> None:
     stage = build_stage(small_config(["method.name=dni", "stages=2"]), 0, digits.input_shape, 10)
-    result = stage.train_step(3, digits.train_x[:8], digits.train_y[:8])
-    assert result.activations is not None and stage.synthesizer is not None
+    sends = stage.forward(3, digits.train_x[:8], digits.train_y[:8])
+    assert sends.forward is not None and isinstance(stage, SynthesizerStage)
     before = [p.detach().clone() for p in stage.synthesizer.parameters()]
-    target = torch.zeros_like(result.activations)
+    target = torch.zeros_like(sends.forward)
     target[0, 0] = float("inf")
     with pytest.raises(NonFiniteError, match="stage 0: non-finite SG loss at step 3"):
-        stage.train_synthesizer(3, target)
+        stage.backward(3, target)
     for p, b in zip(stage.synthesizer.parameters(), before, strict=True):
         assert torch.equal(p, b)

@@ -20,14 +20,14 @@ def test_poll_reports_the_whole_runs_staleness_counts(digits: Dataset) -> None:
         poll = runner.poll()
         stats = runner.stage.stats
         if runner.stage.is_last:  # no synthesizer, no targets
-            assert "staleness_counts" not in poll
+            assert "staleness_counts" not in poll.figures
             continue
-        assert poll["staleness_counts"] == dict(stats.staleness_counts)
-        assert sum(poll["staleness_counts"].values()) == stats.sg_updates > 0
+        assert poll.figures["staleness_counts"] == dict(stats.staleness_counts)
+        assert sum(poll.figures["staleness_counts"].values()) == stats.sg_updates > 0
         # It reaches the records like every per-stage figure; CPU stages report no GPU figures.
-        record = stage_record(runner.stage.index, poll)
+        record = stage_record(runner.stage.index, poll.figures)
         i = runner.stage.index
-        assert record[f"stage{i}/staleness_counts"] == poll["staleness_counts"]
+        assert record[f"stage{i}/staleness_counts"] == poll.figures["staleness_counts"]
         assert not any(key.startswith(f"stage{i}/gpu_") for key in record)
 
 

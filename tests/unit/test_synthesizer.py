@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from decoupled.config import SGConfig
+from decoupled.methods.dni import SynthesizerStage
 from decoupled.stage import Stage
 from decoupled.synthesizer import ConvSynthesizer, MLPSynthesizer, build_synthesizer
 
@@ -24,7 +25,7 @@ def test_zero_initialised_output_and_shapes() -> None:
 
 
 def _fit_quadratic(conditioned: bool, steps: int = 1500) -> float:
-    """Fit an SG through Stage.train_synthesizer to the true gradient of
+    """Fit an SG through its stage's backward event to the true gradient of
     L(h) = 1/2 ||A h - c_y||^2 (per sample), i.e. g = A^T (A h - c_y), which is linear in h
     and in the one-hot label: a label-conditioned linear SG can represent it exactly.
     Returns the final SG/target cosine on fresh batches."""
@@ -34,20 +35,17 @@ def _fit_quadratic(conditioned: bool, steps: int = 1500) -> float:
     centres = torch.randn(classes, dim) * 3
     module = nn.Linear(dim, dim)
     sg = MLPSynthesizer((dim,), classes if conditioned else None, hidden_layers=0, hidden=1)
-    stage = Stage(
-        0,
-        2,
-        module,
-        torch.optim.SGD(module.parameters(), lr=0.0),  # frozen stage: data fixed
+    stage = SynthesizerStage(
+        Stage(0, 2, module, torch.optim.SGD(module.parameters(), lr=0.0)),  # frozen: data fixed
         sg,
         torch.optim.Adam(sg.parameters(), lr=1e-2),
         history=4,
     )
     for seq in range(steps):
         x, y = torch.randn(64, dim), torch.randint(0, classes, (64,))
-        h = stage.train_step(seq, x, y).activations
+        h = stage.forward(seq, x, y).forward
         assert h is not None
-        stage.train_synthesizer(seq, (h @ a.T - centres[y]) @ a)
+        stage.backward(seq, (h @ a.T - centres[y]) @ a)
     return sum(list(stage.stats.recent_cosine)[-20:]) / 20
 
 

@@ -1,0 +1,130 @@
+"""The method interface: what one stage of a training method holds and does on each event.
+
+A method (``Method``) is chosen by ``method.name``; it says how many stages run and into how many
+micro-batches stage 0 cuts a batch, and builds each stage's part (``MethodStage``): the stage core
+plus whatever the method adds beside it (a synthesizer, held graphs, stashed weights...).
+
+A ``MethodStage`` answers three events, and each answer says what to send on (``Sends``):
+- ``forward(seq, x, labels)``: a training micro-batch arrived (at stage 0: from the data);
+- ``backward(seq, grad)``: a message came back from the next stage for micro-batch ``seq``;
+- ``end_step()``: every micro-batch of the step has been forwarded and ``backward_due()`` is 0.
+
+The loops that drive these events (``runner.StageRunner`` on an actor, ``local.LocalTrainer`` in
+one process) know nothing of any method: adding one is a module in this package and a name in
+``decoupled.methods.METHODS``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from decoupled.config import Config
+from decoupled.stage import Stage, StageStats
+
+
+@dataclass
+class Sends:
+    """What a stage sends on after an event (None: nothing that way)."""
+
+    forward: torch.Tensor | None = None  # (B, ...) h_i for the next stage, detached
+    backward: torch.Tensor | None = None  # (B, ...) for the previous stage, shaped like its h
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a method needs to know about the stage it builds its part for."""
+
+    output_shape: tuple[int, ...]  # one sample's h_i, without the batch dimension
+    num_classes: int
+    seed: int
+
+
+class MethodStage(ABC):
+    """One stage's part of a method, built around the shared ``Stage`` core."""
+
+    def __init__(self, stage: Stage) -> None:
+        self.stage = stage
+
+    # -- what the loops read ---------------------------------------------------------------
+    @property
+    def index(self) -> int:
+        return self.stage.index
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage.is_first
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage.is_last
+
+    @property
+    def device(self) -> torch.device:
+        return self.stage.device
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.stage.module
+
+    @property
+    def stats(self) -> StageStats:
+        return self.stage.stats
+
+    @property
+    def expects_backward(self) -> bool:
+        """Whether a message comes back from the next stage for each micro-batch sent on."""
+        return not self.is_last
+
+    def backward_due(self) -> int:
+        """Backward messages this step cannot end without (0: the method does not wait)."""
+        return 0
+
+    # -- the events --------------------------------------------------------------------------
+    @abstractmethod
+    def forward(self, seq: int, x: torch.Tensor, labels: torch.Tensor) -> Sends:
+        """Training micro-batch ``seq``: x (B, ...) this stage's input, labels (B,) int64."""
+
+    def backward(self, seq: int, grad: torch.Tensor) -> Sends:
+        """A message from the next stage for micro-batch ``seq``, shaped like this stage's h."""
+        raise RuntimeError(f"stage {self.index} of {type(self).__name__} takes no backward message")
+
+    def end_step(self) -> None:  # noqa: B027 (most methods do nothing here)
+        """The step's micro-batches are all through (and its due backward messages)."""
+
+    # -- inference, figures, state -------------------------------------------------------------
+    def evaluate(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stage.evaluate(x)
+
+    def held(self) -> int:
+        """Activations or graphs kept for messages still to come (a bounded figure)."""
+        return 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stage.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stage.load_state_dict(state)
+
+
+class Method(ABC):
+    """A training method as configured: the stage count, micro-batching, and per-stage parts."""
+
+    name: ClassVar[str]
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    def num_stages(self) -> int:
+        return self.cfg.stages
+
+    def micro_batches(self) -> int:
+        """Micro-batches stage 0 cuts each batch into (every one a ``forward`` event)."""
+        return 1
+
+    @abstractmethod
+    def build_stage(self, stage: Stage, context: StageContext) -> MethodStage:
+        """This method's part of ``stage``."""

@@ -1,0 +1,136 @@
+"""``dni`` and ``cdni``: update at once from a synthetic gradient; targets train the synthesizer.
+
+Stage i < K-1 holds the synthesizer M_{i+1} and a bounded history of its outputs:
+  forward:  h_i = f_i(x);  δ̂_i = scale · M_{i+1}(h_i [, y]);  θ_i ← opt(θ_i, (∂h_i/∂θ_i)ᵀ δ̂_i),
+            and from the same backward pass the target g_{i-1} = (∂h_i/∂x)ᵀ M_{i+1}(h_i [, y])
+            for the previous stage (bootstrapped). It is sent *unscaled*: ``scale`` multiplies
+            each stage's own update exactly once instead of compounding down the stages.
+  backward: g_i came back (possibly late) for step ``seq``: fit M_{i+1}(h_i [, y]) to it, with the
+            h_i kept for that step, and record the fit and the target's staleness.
+The last stage trains on the true loss (``LossStage``), so g_{K-2} is the true gradient. cDNI
+conditions the synthesizers on the one-hot label (Jaderberg et al. 2016, section 3).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from decoupled.history import ActivationHistory
+from decoupled.methods.backprop import LossStage
+from decoupled.methods.base import Method, MethodStage, Sends, StageContext
+from decoupled.stage import NonFiniteError, Stage, check_finite
+from decoupled.synthesizer import Synthesizer, build_synthesizer
+
+
+class SynthesizerStage(MethodStage):
+    """A stage that updates from its synthesizer's prediction and trains it on late targets."""
+
+    def __init__(
+        self,
+        stage: Stage,
+        synthesizer: Synthesizer,
+        sg_optimizer: torch.optim.Optimizer,
+        scale: float = 1.0,
+        history: int = 64,
+    ) -> None:
+        super().__init__(stage)
+        self.synthesizer = synthesizer.to(stage.device)
+        self.sg_optimizer = sg_optimizer
+        self.scale = scale
+        self.history = ActivationHistory(history)
+        self._last_seq = -1
+
+    def forward(self, seq: int, x: torch.Tensor, labels: torch.Tensor) -> Sends:
+        start = time.perf_counter()
+        stage = self.stage
+        self._last_seq = seq
+        labels = labels.to(stage.device, non_blocking=True)
+        stage.optimizer.zero_grad(set_to_none=True)
+        x, h = stage.forward(x)
+        check_finite(h.detach(), "activation", stage.index, seq)
+        with torch.no_grad():
+            prediction = self.synthesizer(h.detach(), labels)
+        check_finite(prediction, "synthetic gradient", stage.index, seq)
+        torch.autograd.backward(h, self.scale * prediction if self.scale != 1.0 else prediction)
+        stage.optimizer.step()
+        self.history.put(seq, h.detach(), labels)
+        target = stage.input_gradient(x)
+        if target is not None and self.scale != 1.0:
+            target = target / self.scale
+        stage.count(x.shape[0], start)
+        return Sends(forward=h.detach(), backward=target)
+
+    def backward(self, seq: int, grad: torch.Tensor) -> Sends:
+        """Fit M_{i+1}(h_i [, y]) to the target g_i (B, ...) that came back for step ``seq``."""
+        entry = self.history.pop(seq)
+        stats = self.stage.stats
+        if entry is None:
+            stats.targets_expired += 1
+            return Sends()
+        start = time.perf_counter()
+        target = grad.to(self.stage.device, non_blocking=True)
+        prediction = self.synthesizer(entry.activations, entry.labels)
+        loss = F.mse_loss(prediction, target)
+        sg_loss = float(loss.detach())
+        if not math.isfinite(sg_loss):
+            # An inf/NaN target (an overflowed true gradient, say) would poison M in one step.
+            raise NonFiniteError(f"stage {self.index}: non-finite SG loss at step {seq}")
+        self.sg_optimizer.zero_grad(set_to_none=True)
+        torch.autograd.backward(loss)
+        self.sg_optimizer.step()
+        cosine = float(F.cosine_similarity(prediction.detach().flatten(), target.flatten(), dim=0))
+        stats.record_sg_fit(sg_loss, cosine, staleness=self._last_seq - seq)
+        elapsed = time.perf_counter() - start
+        stats.sg_compute_s += elapsed
+        stats.compute_s += elapsed
+        return Sends()
+
+    def held(self) -> int:
+        return len(self.history)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **self.stage.state_dict(),
+            "synthesizer": self.synthesizer.state_dict(),
+            "sg_optimizer": self.sg_optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stage.load_state_dict(state)
+        self.synthesizer.load_state_dict(state["synthesizer"])
+        self.sg_optimizer.load_state_dict(state["sg_optimizer"])
+        self.history.clear()
+
+
+class DNI(Method):
+    name = "dni"
+    conditioned = False  # cDNI: the synthesizers also see the one-hot label
+
+    def build_stage(self, stage: Stage, context: StageContext) -> MethodStage:
+        if stage.is_last:
+            return LossStage(stage)
+        sg = self.cfg.method.sg
+        # Seeded apart from the model, so that adding a synthesizer never shifts the model's
+        # init, and inside a forked RNG, so that building one leaves the caller's RNG as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(context.seed + 1000 + stage.index)
+            synthesizer = build_synthesizer(
+                context.output_shape, sg, context.num_classes if self.conditioned else None
+            )
+        return SynthesizerStage(
+            stage,
+            synthesizer,
+            torch.optim.Adam(synthesizer.parameters(), lr=sg.lr),
+            scale=sg.scale,
+            history=sg.history,
+        )
+
+
+class CDNI(DNI):
+    name = "cdni"
+    conditioned = True
