@@ -24,14 +24,12 @@ class ActivationHistory:
         if capacity < 1:
             raise ValueError(f"history capacity must be at least 1, got {capacity}")
         self.capacity = capacity
-        self.evicted = 0
         self._entries: OrderedDict[int, Entry] = OrderedDict()
 
     def put(self, seq: int, activations: torch.Tensor, labels: torch.Tensor) -> None:
         self._entries[seq] = Entry(activations, labels)
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
-            self.evicted += 1
 
     def pop(self, seq: int) -> Entry | None:
         """The entry for ``seq``, removed; None when it was evicted or never stored."""
