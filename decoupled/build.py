@@ -39,11 +39,14 @@ def build_stage(
     """
     method = method_for(cfg)
     k = method.num_stages()
-    modules = build_stage_modules(cfg.model, k, input_shape, num_classes, cfg.seed)
+    # Replicas each hold the whole model; a chain splits it.
+    parts = 1 if method.replicas else k
+    modules = build_stage_modules(cfg.model, parts, input_shape, num_classes, cfg.seed)
     shapes = activation_shapes(modules, input_shape)
-    module = modules[index]
+    part = 0 if method.replicas else index
+    module = modules[part]
     stage = Stage(index, k, module, build_optimizer(module.parameters(), cfg.optim), device)
-    return method.build_stage(stage, StageContext(shapes[index], num_classes, cfg.seed))
+    return method.build_stage(stage, StageContext(shapes[part], num_classes, cfg.seed))
 
 
 def build_stages(

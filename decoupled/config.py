@@ -23,7 +23,9 @@ from typing import Any, Final, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-METHODS = ("backprop", "pipeline", "dni", "cdni")
+METHODS = ("backprop", "pipeline", "dni", "cdni", "ddp")
+# Methods whose K workers are replicas of the whole model rather than a chain of its slices.
+REPLICA_METHODS = ("ddp",)
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
 
 
@@ -392,8 +394,9 @@ def _cross_check(cfg: Config, found: _Found) -> None:
         head = " (conv blocks + classifier head)" if model.name == "cnn" else ""
         layers, n = _show(model.layers), _show(blocks)
         what = f"the {model.name} model with model.layers={layers} has {n} blocks{head}"
-        # backprop trains the whole model in one place, so its stage count splits nothing.
-        if valid("method.name") and cfg.method.name != "backprop" and stages > blocks:
+        # backprop and the replica methods never split the model, so stages splits nothing.
+        splits = cfg.method.name not in ("backprop", *REPLICA_METHODS)
+        if valid("method.name") and splits and stages > blocks:
             add("stages", f"{_show(stages)} stages need as many blocks, but {what}")
         bounds = model.boundaries
         if valid("model.boundaries") and bounds:
@@ -426,6 +429,22 @@ def _cross_check(cfg: Config, found: _Found) -> None:
             "data.batch_size",
             f"must be >= method.micro_batches ({_show(micro)}) for pipeline, got {_show(batch)}",
         )
+
+    if valid("method.name") and cfg.method.name in REPLICA_METHODS:
+        name = cfg.method.name
+        if valid("runtime.backend") and cfg.runtime.backend != "ray":
+            add("runtime.backend", f"{name} runs one process per replica: use 'ray'")
+        if valid("runtime.transport") and cfg.runtime.transport == "ray":
+            add(
+                "runtime.transport",
+                f"{name} all-reduces over the torch process group: use 'torch' or 'auto'",
+            )
+        if valid("data.batch_size", "stages") and batch % stages:
+            add(
+                "data.batch_size",
+                f"{name} splits each batch into {_show(stages)} equal shards (stages), "
+                f"got {_show(batch)}",
+            )
 
 
 def _hints(cls: type[Any]) -> dict[str, Any]:

@@ -361,7 +361,8 @@ class StageRunner:
         """Stage 0: a checkpoint marker and, at an evaluation point, the test set follow the
         training batch."""
         schedule = self.settings.schedule
-        if self._checkpoint_requested.is_set() or schedule.checkpoint_after(step):
+        requested = self.stage.agree(self._checkpoint_requested.is_set())
+        if requested or schedule.checkpoint_after(step):
             self._checkpoint_requested.clear()
             self._checkpoint(step + 1)
         if not schedule.evaluate_after(step) or self.test is None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from decoupled.config import Config
 from decoupled.methods.backprop import Backprop
 from decoupled.methods.base import Method, MethodStage, Sends, StageContext
+from decoupled.methods.ddp import DDP
 from decoupled.methods.dni import CDNI, DNI
 from decoupled.methods.pipeline import Pipeline
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Backprop, Pipeline, DNI, CDNI)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Backprop, Pipeline, DNI, CDNI, DDP)}
 
 
 def method_for(cfg: Config) -> Method:

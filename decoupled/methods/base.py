@@ -95,6 +95,11 @@ class MethodStage(ABC):
     def end_step(self) -> None:  # noqa: B027 (most methods do nothing here)
         """The step's micro-batches are all through (and its due backward messages)."""
 
+    def agree(self, flag: bool) -> bool:
+        """``flag`` as every stage that reads the data sees it (replicas agree on a checkpoint
+        request through their process group); called once per step by every such stage."""
+        return flag
+
     # -- inference, figures, state -------------------------------------------------------------
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
         return self.stage.evaluate(x)
@@ -114,6 +119,9 @@ class Method(ABC):
     """A training method as configured: the stage count, micro-batching, and per-stage parts."""
 
     name: ClassVar[str]
+    # False: a chain of K stages, each holding a slice of the model, messages between
+    # neighbours. True: K replicas of the whole model, each reading the data (``ddp``).
+    replicas: ClassVar[bool] = False
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg

@@ -54,7 +54,9 @@ class StageActor:
         # Ray has set CUDA_VISIBLE_DEVICES to this actor's GPU share by now, so cuda:0 is ours.
         self.device = torch.device("cuda:0" if ray.get_gpu_ids() else "cpu")
         self.stage = build_stage(self.cfg, index, input_shape, num_classes, self.device)
-        self.micro_batches = method_for(self.cfg).micro_batches()
+        method = method_for(self.cfg)
+        self.micro_batches = method.micro_batches()
+        self.replicas = method.replicas
         # A step that waits for all its micro-batches' gradients must never lose one of them.
         self.back_capacity = max(self.cfg.runtime.channel_capacity, self.micro_batches)
         # The Ray plane's receiving ends (connect_ray); the torch plane has its own.
@@ -81,6 +83,8 @@ class StageActor:
     def connect_torch(self, address: str, port: int, backend: str, timeout_s: float) -> None:
         """Join the process group (all stages call this at once) and open the four edges."""
         open_process_group(self.index, self.num_stages, address, port, backend, timeout_s)
+        if self.replicas:
+            return  # replicas exchange gradients through the group's collectives, no edges
         wire = self.device if backend == "nccl" else torch.device("cpu")
         capacity = self.cfg.runtime.channel_capacity
         i = self.index
@@ -122,10 +126,12 @@ class StageActor:
             self.stage.load_state_dict(load_stage(resume, self.index, self.device))
             start_step = resume.step
         stream = test = None
-        if self.index == 0:
+        if self.stage.is_first:  # stage 0 of a chain; every replica
             dataset = load_dataset(cfg.data)
             stream = TrainStream(dataset.train_x, dataset.train_y, cfg.data.batch_size, cfg.seed)
-            test = (dataset.test_x, dataset.test_y, cfg.data.eval_batch_size)
+            # One stage sends the test set through: stage 0 of a chain, the last replica.
+            if self.index == (self.num_stages - 1 if self.replicas else 0):
+                test = (dataset.test_x, dataset.test_y, cfg.data.eval_batch_size)
         settings = RunnerSettings(
             schedule=Schedule.from_config(cfg.train, steps_per_epoch, cfg.checkpoint.every),
             micro_batches=self.micro_batches,

@@ -30,6 +30,7 @@ from decoupled.checkpoint import Cut, commit_cut, latest_cut
 from decoupled.config import Config, config_to_dict
 from decoupled.data import Dataset, TrainStream
 from decoupled.interrupt import Interrupted, StopRequest
+from decoupled.methods import method_for
 from decoupled.metrics import (
     RunLog,
     build_summary,
@@ -185,7 +186,10 @@ class RayJob:
         self._connect(res)
 
     def _connect(self, res: StageResources) -> None:
-        self.transport = plane, backend = choose_transport(self.cfg.runtime.transport, res.gpus)
+        requested = self.cfg.runtime.transport
+        if method_for(self.cfg).replicas:
+            requested = "torch"  # replicas all-reduce over the process group
+        self.transport = plane, backend = choose_transport(requested, res.gpus)
         if plane == "ray":
             for i, actor in enumerate(self.actors):
                 previous = self.actors[i - 1] if i > 0 else None
@@ -364,7 +368,8 @@ class RayJob:
         if since is None:
             if self.checkpoints is None:
                 raise Interrupted(self.stop.signum, step, None)
-            ray.get(self.actors[0].request_checkpoint.remote(), timeout=CONTROL_TIMEOUT_S)
+            # Stage 0 of a chain starts the cut; replicas agree on its step among themselves.
+            self._all("request_checkpoint")
             self._wanted_cut = step
             return now
         cut = self._last_cut

@@ -77,7 +77,7 @@ def _tensors(state: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("transport", ["torch", "ray"])
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(n for n, m in METHODS.items() if not m.replicas))
 def test_lockstep_actors_reproduce_the_in_process_trainer(
     digits: Dataset, tmp_path: Path, method: str, transport: str
 ) -> None:
@@ -118,6 +118,25 @@ def test_lockstep_actors_reproduce_the_in_process_trainer(
     assert [r["step"] for r in evals] == list(range(2, 21, 2))
     times = [r["wall_s"] for r in evals]
     assert all(a < b for a, b in itertools.pairwise(times)), times
+
+
+def test_ddp_replicas_equal_backprop_on_the_global_batch(digits: Dataset, tmp_path: Path) -> None:
+    """Two replicas, each on half of every batch, gradients all-reduced: backprop's update on
+    the whole batch, on both replicas; the last one evaluates."""
+    common = ["train.steps=12", "model.hidden=64", "model.batch_norm=false", "optim.lr=0.01"]
+    cfg = digits_config(*common, "method.name=ddp", "stages=2", "train.eval_every=6")
+    states = _states(cfg, digits, tmp_path)
+    ref = LocalTrainer(digits_config(*common, "method.name=backprop"), digits)
+    _one_thread_reference(ref)
+    expected = _tensors(ref.stages[0].state_dict())
+    assert len(states) == 2
+    for state in states:
+        actual = _tensors(state)
+        assert actual.keys() == expected.keys()
+        for name, value in expected.items():
+            torch.testing.assert_close(actual[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "eval"] == [6, 12]
 
 
 def _one_thread_reference(local: LocalTrainer) -> None:
