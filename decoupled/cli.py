@@ -64,7 +64,10 @@ def resume_point(cfg: Config, run_dir: Path) -> Cut:
     cut = latest_cut(run_dir / "checkpoints")
     if cut is None:
         raise CheckpointError(f"no complete checkpoint in {run_dir / 'checkpoints'} to resume")
-    check_compatible(cut, config_to_dict(cfg), num_stages(cfg))
+    config = config_to_dict(cfg)
+    if cfg.model.boundaries == "auto":  # the split measured for the run is the resumed run's
+        config["model"]["boundaries"] = cut.config["model"]["boundaries"]
+    check_compatible(cut, config, num_stages(cfg))
     return cut
 
 

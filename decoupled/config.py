@@ -50,8 +50,10 @@ class ModelConfig:
     layers: int = field(default=3, metadata={"min": 1})
     hidden: int = field(default=256, metadata={"min": 1})
     batch_norm: bool = True
-    # Block index where each stage after the first begins; empty means split as evenly as possible.
-    boundaries: list[int] = field(default_factory=list)
+    # Where each stage after the first begins, as block indices; "auto": split by the blocks'
+    # measured cost, the method's boundary work included (decoupled/balance.py); "even" (or []):
+    # as evenly as possible by block count.
+    boundaries: list[int] | str = "auto"
 
 
 @dataclass
@@ -304,6 +306,10 @@ def _convert(value: Any, hint: Any, path: str, found: _Found) -> Any:
     if origin in (Union, UnionType):
         if value is None and type(None) in get_args(hint):
             return None
+        lists = [arm for arm in get_args(hint) if get_origin(arm) is list]
+        if isinstance(value, list) and lists:
+            # A list can only be meant for the list arm: its items' problems are the useful ones.
+            return _convert(value, lists[0], path, found)
         for arm in get_args(hint):
             trial: _Found = []
             result = _convert(value, arm, path, trial)
@@ -399,7 +405,15 @@ def _cross_check(cfg: Config, found: _Found) -> None:
         if valid("method.name") and splits and stages > blocks:
             add("stages", f"{_show(stages)} stages need as many blocks, but {what}")
         bounds = model.boundaries
-        if valid("model.boundaries") and bounds:
+        if not valid("model.boundaries"):
+            pass
+        elif isinstance(bounds, str):
+            if bounds not in ("auto", "even"):
+                add(
+                    "model.boundaries",
+                    f"must be 'auto', 'even' or a list of block indices, got {_show(bounds)}",
+                )
+        elif bounds:
             if len(bounds) != stages - 1:
                 add(
                     "model.boundaries",

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from decoupled.balance import balanced, summary_figures
 from decoupled.build import build_stages
 from decoupled.channel import BackwardMessage, DelayLine
 from decoupled.checkpoint import Cut, commit_cut, load_stage, save_stage
@@ -56,7 +57,10 @@ class LocalTrainer:
         resume: Cut | None = None,
         stop: StopRequest | None = None,
     ) -> None:
-        self.cfg = cfg
+        self.cfg, self.balance = balanced(
+            cfg, dataset.input_shape, dataset.num_classes, resume=resume
+        )
+        cfg = self.cfg
         self.dataset = dataset
         self.out_dir = out_dir
         self.checkpoints = out_dir / "checkpoints" if out_dir is not None else None
@@ -146,7 +150,7 @@ class LocalTrainer:
             steady_samples_per_s=steady_samples_per_s(
                 progress, self.start_step, schedule.total_steps, batch
             ),
-            extra={"test_loss": test.get("test_loss")},
+            extra={"test_loss": test.get("test_loss"), **summary_figures(self.balance)},
         )
         log.finish(summary)
         return summary

@@ -71,18 +71,30 @@ def build_blocks(
     raise ValueError(f"model.name: unknown model {cfg.name!r}")
 
 
-def stage_ranges(num_blocks: int, stages: int, boundaries: list[int]) -> list[tuple[int, int]]:
-    """[start, end) block indices of each stage. Empty ``boundaries``: as even as possible, with
-    the extra blocks going to the earlier stages."""
+def even_boundaries(num_blocks: int, stages: int) -> list[int]:
+    """Boundaries as even as possible, the extra blocks going to the earlier stages."""
+    size, extra = divmod(num_blocks, stages)
+    boundaries, edge = [], 0
+    for k in range(stages - 1):
+        edge += size + (1 if k < extra else 0)
+        boundaries.append(edge)
+    return boundaries
+
+
+def stage_ranges(
+    num_blocks: int, stages: int, boundaries: list[int] | str
+) -> list[tuple[int, int]]:
+    """[start, end) block indices of each stage. ``[]`` or "even": as even as possible.
+    "auto" must have been resolved into a list first (``decoupled.balance``)."""
     if not 1 <= stages <= num_blocks:
         raise ValueError(f"cannot split {num_blocks} blocks into {stages} stages")
-    if not boundaries:
-        size, extra = divmod(num_blocks, stages)
-        boundaries = []
-        edge = 0
-        for k in range(stages - 1):
-            edge += size + (1 if k < extra else 0)
-            boundaries.append(edge)
+    if boundaries == "auto" and stages > 1:
+        raise ValueError(
+            "model.boundaries='auto' is decided once per run by decoupled.balance."
+            "resolve_boundaries; build stages from its explicit boundaries"
+        )
+    if isinstance(boundaries, str) or not boundaries:
+        boundaries = even_boundaries(num_blocks, stages)
     if len(boundaries) != stages - 1:
         raise ValueError(f"{stages} stages need {stages - 1} boundaries, got {boundaries}")
     edges = [0, *boundaries, num_blocks]

@@ -27,8 +27,9 @@ def digits() -> Dataset:
 
 
 def digits_config(*overrides: str) -> Config:
-    """The shipped default experiment with overrides, progress bar off."""
-    return load_config(DIGITS_CONFIG, ["train.progress=false", *overrides])
+    """The shipped default experiment with overrides, progress bar off, split evenly (a
+    measured split could differ between two runs that a test compares)."""
+    return load_config(DIGITS_CONFIG, ["train.progress=false", "model.boundaries=even", *overrides])
 
 
 def small_config(overrides: Sequence[str] = ()) -> Config:
@@ -39,6 +40,7 @@ def small_config(overrides: Sequence[str] = ()) -> Config:
         "model.hidden=32",
         "train.progress=false",
         "runtime.backend=local",
+        "model.boundaries=even",
     ]
     return parse_config({}, [*base, *overrides])
 

@@ -17,6 +17,7 @@ one process) know nothing of any method: adding one is a module in this package 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -136,3 +137,11 @@ class Method(ABC):
     @abstractmethod
     def build_stage(self, stage: Stage, context: StageContext) -> MethodStage:
         """This method's part of ``stage``."""
+
+    def boundary_work(
+        self, shape: tuple[int, ...], num_classes: int
+    ) -> Callable[[torch.Tensor, torch.Tensor], None] | None:
+        """One step's worth of the work this method adds at a stage boundary whose activation
+        has ``shape`` (per sample), as a function of (h (B, *shape), labels (B,)); None: none.
+        ``model.boundaries=auto`` times it to balance the stages."""
+        return None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -115,13 +116,7 @@ class DNI(Method):
         if stage.is_last:
             return LossStage(stage)
         sg = self.cfg.method.sg
-        # Seeded apart from the model, so that adding a synthesizer never shifts the model's
-        # init, and inside a forked RNG, so that building one leaves the caller's RNG as it was.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(context.seed + 1000 + stage.index)
-            synthesizer = build_synthesizer(
-                context.output_shape, sg, context.num_classes if self.conditioned else None
-            )
+        synthesizer = self._synthesizer(context.output_shape, context.num_classes, stage.index)
         return SynthesizerStage(
             stage,
             synthesizer,
@@ -129,6 +124,31 @@ class DNI(Method):
             scale=sg.scale,
             history=sg.history,
         )
+
+    def _synthesizer(self, shape: tuple[int, ...], num_classes: int, index: int) -> Synthesizer:
+        sg = self.cfg.method.sg
+        # Seeded apart from the model, so that adding a synthesizer never shifts the model's
+        # init, and inside a forked RNG, so that building one leaves the caller's RNG as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed + 1000 + index)
+            return build_synthesizer(shape, sg, num_classes if self.conditioned else None)
+
+    def boundary_work(
+        self, shape: tuple[int, ...], num_classes: int
+    ) -> Callable[[torch.Tensor, torch.Tensor], None]:
+        """A prediction and, as every target arrives, one training step of the synthesizer."""
+        synthesizer = self._synthesizer(shape, num_classes, 0)
+        optimizer = torch.optim.Adam(synthesizer.parameters(), lr=self.cfg.method.sg.lr)
+
+        def work(h: torch.Tensor, labels: torch.Tensor) -> None:
+            with torch.no_grad():
+                synthesizer(h, labels)
+            loss = F.mse_loss(synthesizer(h, labels), torch.zeros_like(h))
+            optimizer.zero_grad(set_to_none=True)
+            torch.autograd.backward(loss)
+            optimizer.step()
+
+        return work
 
 
 class CDNI(DNI):

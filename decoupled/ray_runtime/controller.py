@@ -25,6 +25,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from decoupled.balance import balanced, summary_figures
 from decoupled.build import num_stages
 from decoupled.checkpoint import Cut, commit_cut, latest_cut
 from decoupled.config import Config, config_to_dict
@@ -110,7 +111,10 @@ class RayJob:
         resume: Cut | None = None,
         stop: StopRequest | None = None,
     ) -> None:
-        self.cfg = cfg
+        self.cfg, self.balance = balanced(
+            cfg, dataset.input_shape, dataset.num_classes, resume=resume
+        )
+        cfg = self.cfg
         self.k = num_stages(cfg)
         self.steps_per_epoch = TrainStream(
             dataset.train_x, dataset.train_y, cfg.data.batch_size, cfg.seed
@@ -265,6 +269,7 @@ class RayJob:
                 "nodes": sorted({d["node_id"] for d in self.described}),
                 "restarts": self.restarts,
                 "resumed_from": self.first_step or None,
+                **summary_figures(self.balance),
             },
         )
         run_log.finish(summary)

@@ -169,7 +169,7 @@ def test_dotted_key_in_yaml_says_to_nest_it() -> None:
         ("optim: {lr: .nan}", "optim.lr", "expected a finite number"),
         ("wandb_project: 1", "wandb_project", "unknown key"),
         ("logging: {wandb: {project: 2024}}", "logging.wandb.project", "quote the value"),
-        ("model: {boundaries: 2}", "model.boundaries", "expected a list, got 2"),
+        ("model: {boundaries: 2}", "model.boundaries", "a list or a string, got 2"),
         ("model: {boundaries: [1, x]}", "model.boundaries[1]", "expected an integer, got 'x'"),
         ("runtime: {gpus_per_stage: [1]}", "runtime.gpus_per_stage", "a number or a string"),
         ("data: 5", "data", "expected a mapping of keys, got 5"),

@@ -37,7 +37,7 @@ def test_impossible_splits_are_refused(blocks: int, stages: int, boundaries: lis
 
 
 def test_fcn_split_computes_what_the_whole_model_computes() -> None:
-    cfg = ModelConfig(name="fcn", layers=4, hidden=32)
+    cfg = ModelConfig(name="fcn", layers=4, hidden=32, boundaries="even")
     (whole,) = build_stage_modules(cfg, 1, (1, 8, 8), 10, seed=3)
     whole.eval()
     parts = build_stage_modules(cfg, 3, (1, 8, 8), 10, seed=3)
@@ -57,6 +57,7 @@ def test_cnn_stages_use_conv_synthesizers_and_train() -> None:
             "model.name=cnn",
             "model.layers=3",
             "model.hidden=8",
+            "model.boundaries=even",
             "stages=3",
             "method.name=cdni",
             "method.sg.layers=1",
