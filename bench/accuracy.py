@@ -301,6 +301,8 @@ def tta_run(cfg: Config, dataset: Dataset, args: argparse.Namespace) -> dict[str
     train = [r for r in records if r.get("event") == "train" and 0 < r.get("step", 0) < total]
     # The training rate once running: between the first and the last progress record before
     # the end, so actor start-up and the final evaluation are left out.
+    if len(train) < 2 or train[-1]["wall_s"] <= train[0]["wall_s"]:
+        raise RuntimeError("too few progress records to time the run: raise the steps")
     first, last = train[0], train[-1]
     rate = (last["step"] - first["step"]) / (last["wall_s"] - first["wall_s"])
     return {

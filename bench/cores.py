@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from common import machine, wait_quiet
 
+from decoupled.balance import balanced
 from decoupled.build import build_stage
 from decoupled.config import Config, parse_config
 from decoupled.models import activation_shapes, build_stage_modules
@@ -38,7 +39,8 @@ NUM_CLASSES = 10
 
 
 def make_config(method: str, args: argparse.Namespace, batch: int = 0) -> Config:
-    return parse_config(
+    """The case's config with its split decided (once, here, for every worker)."""
+    cfg = parse_config(
         {},
         [
             f"method.name={method}",
@@ -49,6 +51,7 @@ def make_config(method: str, args: argparse.Namespace, batch: int = 0) -> Config
             *args.set,
         ],
     )
+    return balanced(cfg, INPUT_SHAPE, NUM_CLASSES)[0]
 
 
 def worker(cfg: Config, index: int, seconds: float, start: Any, out: Any) -> None:

@@ -41,6 +41,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+from decoupled.balance import balanced
 from decoupled.build import build_optimizer
 from decoupled.config import Config, config_to_dict, parse_config
 from decoupled.data import Dataset, TrainStream, load_dataset
@@ -176,7 +177,8 @@ def run_peer(
             )
         remote = ray.remote(PeerStageActor)
         data = ray.put(dataset)
-        config = config_to_dict(cfg)
+        # The split is decided here, once, as the project's driver does (model.boundaries=auto).
+        config = config_to_dict(balanced(cfg, dataset.input_shape, dataset.num_classes)[0])
         for i in range(k):
             strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
             actors.append(

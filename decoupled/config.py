@@ -66,6 +66,9 @@ class SGConfig:
     scale: float = field(default=1.0, metadata={"gt": 0.0})
     # Activations kept per stage waiting for their target; older ones are dropped and counted.
     history: int = field(default=64, metadata={"min": 1})
+    # Train the synthesizer on the target of every n-th step only: its training is most of a
+    # stage's DNI overhead (three passes of M per target), the prediction is every step.
+    train_every: int = field(default=1, metadata={"min": 1})
 
 
 @dataclass

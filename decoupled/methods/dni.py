@@ -38,12 +38,14 @@ class SynthesizerStage(MethodStage):
         sg_optimizer: torch.optim.Optimizer,
         scale: float = 1.0,
         history: int = 64,
+        train_every: int = 1,
     ) -> None:
         super().__init__(stage)
         self.synthesizer = synthesizer.to(stage.device)
         self.sg_optimizer = sg_optimizer
         self.scale = scale
         self.history = ActivationHistory(history)
+        self.train_every = train_every
         self._last_seq = -1
 
     def forward(self, seq: int, x: torch.Tensor, labels: torch.Tensor) -> Sends:
@@ -59,7 +61,8 @@ class SynthesizerStage(MethodStage):
         check_finite(prediction, "synthetic gradient", stage.index, seq)
         torch.autograd.backward(h, self.scale * prediction if self.scale != 1.0 else prediction)
         stage.optimizer.step()
-        self.history.put(seq, h.detach(), labels)
+        if seq % self.train_every == 0:  # only the steps whose target trains M are kept
+            self.history.put(seq, h.detach(), labels)
         target = stage.input_gradient(x)
         if target is not None and self.scale != 1.0:
             target = target / self.scale
@@ -68,6 +71,8 @@ class SynthesizerStage(MethodStage):
 
     def backward(self, seq: int, grad: torch.Tensor) -> Sends:
         """Fit M_{i+1}(h_i [, y]) to the target g_i (B, ...) that came back for step ``seq``."""
+        if seq % self.train_every:
+            return Sends()  # not a training step of M (method.sg.train_every)
         entry = self.history.pop(seq)
         stats = self.stage.stats
         if entry is None:
@@ -123,6 +128,7 @@ class DNI(Method):
             torch.optim.Adam(synthesizer.parameters(), lr=sg.lr),
             scale=sg.scale,
             history=sg.history,
+            train_every=sg.train_every,
         )
 
     def _synthesizer(self, shape: tuple[int, ...], num_classes: int, index: int) -> Synthesizer:

@@ -174,3 +174,13 @@ def test_infinite_target_stops_before_the_synthesizer_moves(digits: Dataset) -> 
         stage.backward(3, target)
     for p, b in zip(stage.synthesizer.parameters(), before, strict=True):
         assert torch.equal(p, b)
+
+
+def test_synthesizer_trains_on_every_nth_target_only(digits: Dataset) -> None:
+    cfg = small_config(
+        ["method.name=cdni", "stages=2", "method.sg.train_every=3", "train.steps=12"]
+    )
+    summary = LocalTrainer(cfg, digits).run()
+    first = summary["stages"][0]
+    assert first["sg_updates"] == 4  # steps 0, 3, 6, 9
+    assert first["targets_expired"] == 0  # the others are skipped, not lost
