@@ -30,6 +30,9 @@ class Kind(enum.IntEnum):
     # A checkpoint marker for step ``seq``: every stage saves its state when the marker reaches it,
     # i.e. after its own step seq - 1 and before step seq, so the saved states form one cut.
     CHECKPOINT = 3
+    # The synthetic-gradient probe (``method.sg.probe_every``): forward, every stage keeps its
+    # graph (no update); backward, the exact gradient of the loss at each boundary comes back.
+    PROBE = 4
 
 
 @dataclass
@@ -49,10 +52,12 @@ class ForwardMessage:
 
 @dataclass
 class BackwardMessage:
-    """Target for stage i's synthesizer for step ``seq``: g_i, shaped like h_i, (B, ...)."""
+    """Target for stage i's synthesizer for step ``seq``: g_i, shaped like h_i, (B, ...).
+    ``kind`` PROBE: the exact ∂L/∂h_i of the probe batch ``seq`` instead."""
 
     seq: int
     target: torch.Tensor
+    kind: Kind = Kind.TRAIN
 
 
 Message = ForwardMessage | BackwardMessage

@@ -69,6 +69,9 @@ class SGConfig:
     # Train the synthesizer on the target of every n-th step only: its training is most of a
     # stage's DNI overhead (three passes of M per target), the prediction is every step.
     train_every: int = field(default=1, metadata={"min": 1})
+    # Every this many steps one batch also gets its exact gradient at every stage boundary,
+    # through the stages as evaluation goes, to compare each synthetic gradient with (0: never).
+    probe_every: int = field(default=50, metadata={"min": 0})
 
 
 @dataclass

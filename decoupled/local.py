@@ -22,7 +22,7 @@ from decoupled.checkpoint import Cut, commit_cut, load_stage, save_stage
 from decoupled.config import Config, config_to_dict
 from decoupled.data import Dataset, TrainStream, eval_batches
 from decoupled.interrupt import Interrupted, StopRequest
-from decoupled.methods import MethodStage, method_for
+from decoupled.methods import MethodStage, Sends, method_for
 from decoupled.metrics import (
     RunLog,
     build_summary,
@@ -75,7 +75,9 @@ class LocalTrainer:
         self.schedule = Schedule.from_config(
             cfg.train, self.stream.steps_per_epoch, cfg.checkpoint.every
         )
-        self.micro_batches = method_for(cfg).micro_batches()
+        method = method_for(cfg)
+        self.micro_batches = method.micro_batches()
+        self.probe_every = method.probe_every()
         self.backward = DelayLine(cfg.method.delay)
 
     def step(self, seq: int, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -94,6 +96,20 @@ class LocalTrainer:
             stage.end_step()
         while (due := self.backward.due(step)) is not None:
             self._deliver(step, *due)
+        if self.probe_every and (step + 1) % self.probe_every == 0:
+            self.probe(step + 1, x, y)
+
+    def probe(self, seq: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """The exact gradient of batch (x, y) at every boundary, compared by each stage with
+        its synthetic gradient; nothing is updated."""
+        sends = Sends(forward=x)
+        for stage in self.stages:
+            assert sends.forward is not None
+            sends = stage.probe_forward(seq, sends.forward, y)
+        for stage in reversed(self.stages[:-1]):
+            if sends.backward is None:
+                break
+            sends = stage.probe_backward(seq, sends.backward)
 
     def _send_back(self, step: int, index: int, message: BackwardMessage) -> None:
         if self.stages[index].backward_due():  # its step cannot end without it

@@ -26,6 +26,9 @@ PER_STAGE_KEYS = (
     "channel_depth",
     "sg_loss",
     "sg_cosine",
+    # The probe (method.sg.probe_every): the synthetic gradient against the loss's exact one.
+    "sg_true_cosine",
+    "sg_true_rel_error",
     "staleness_mean",
     "staleness_p50",
     "staleness_p90",

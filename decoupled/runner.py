@@ -78,6 +78,8 @@ class RunnerSettings:
     # deterministic (for methods whose stages expect one).
     lockstep: bool = False
     send_timeout_s: float = 600.0
+    # Stage 0 sends a probe batch after every this many steps (0: never; see Kind.PROBE).
+    probe_every: int = 0
 
 
 class ErrorKind(enum.Enum):
@@ -289,6 +291,8 @@ class StageRunner:
             return True
         if message.kind is Kind.EVAL:
             self._evaluate(message)
+        elif message.kind is Kind.PROBE:
+            self._probe(message)
         elif message.kind is Kind.CHECKPOINT:
             self._checkpoint(message.seq)
         return False
@@ -304,10 +308,24 @@ class StageRunner:
             self.backward_out.send(BackwardMessage(message.seq, sends.backward))
 
     def _on_backward(self, message: BackwardMessage) -> None:
-        self._backward_seq = max(self._backward_seq, message.seq)
-        sends = self.stage.backward(message.seq, message.target)
+        if message.kind is Kind.PROBE:
+            sends = self.stage.probe_backward(message.seq, message.target)
+        else:
+            self._backward_seq = max(self._backward_seq, message.seq)
+            sends = self.stage.backward(message.seq, message.target)
         if sends.backward is not None and self.backward_out is not None:
-            self.backward_out.send(BackwardMessage(message.seq, sends.backward))
+            self.backward_out.send(BackwardMessage(message.seq, sends.backward, message.kind))
+
+    def _probe(self, message: ForwardMessage) -> None:
+        """A probe batch: on with the graph kept; the exact gradient comes back through
+        ``_on_backward`` (from the last stage, at once)."""
+        sends = self.stage.probe_forward(message.seq, message.activations, message.labels)
+        if sends.forward is not None:
+            self._send_forward(
+                ForwardMessage(message.seq, Kind.PROBE, sends.forward, message.labels)
+            )
+        if sends.backward is not None and self.backward_out is not None:
+            self.backward_out.send(BackwardMessage(message.seq, sends.backward, Kind.PROBE))
 
     def _next_input(self) -> ForwardMessage | None:
         """Stage 0 reads the stream; the others wait (briefly, to re-check stop) for a message."""
@@ -365,6 +383,10 @@ class StageRunner:
         if requested or schedule.checkpoint_after(step):
             self._checkpoint_requested.clear()
             self._checkpoint(step + 1)
+        every = self.settings.probe_every
+        if every and (step + 1) % every == 0 and self.stream is not None:
+            x, y = self.stream.batch(step)  # the batch just trained on, at its new weights
+            self._probe(ForwardMessage(step + 1, Kind.PROBE, x, y))
         if not schedule.evaluate_after(step) or self.test is None:
             return
         x, y, batch_size = self.test

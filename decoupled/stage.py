@@ -40,6 +40,11 @@ class StageStats:
     _sg_loss: list[float] = field(default_factory=list)
     _cosine: list[float] = field(default_factory=list)
     _staleness: list[int] = field(default_factory=list)
+    # The probe: the synthetic gradient against the exact one (cosine, relative error).
+    recent_true_cosine: deque[float] = field(default_factory=lambda: deque(maxlen=20))
+    recent_true_error: deque[float] = field(default_factory=lambda: deque(maxlen=20))
+    _true_cosine: list[float] = field(default_factory=list)
+    _true_error: list[float] = field(default_factory=list)
     _loss: list[float] = field(default_factory=list)
     _correct: int = 0
     _seen: int = 0
@@ -55,11 +60,21 @@ class StageStats:
         self._staleness.append(staleness)
         self.staleness_counts[staleness] += 1
 
+    def record_probe(self, cosine: float, rel_error: float) -> None:
+        """One probe: the synthetic gradient's cosine with the exact one, and its error
+        ||δ̂ - g|| / ||g||."""
+        self._true_cosine.append(cosine)
+        self._true_error.append(rel_error)
+        self.recent_true_cosine.append(cosine)
+        self.recent_true_error.append(rel_error)
+
     def run_figures(self) -> dict[str, Any]:
         """End-of-run figures: SG fit over the latest updates, staleness over the whole run."""
         return {
             "sg_loss": _mean(self.recent_sg_loss),
             "sg_cosine": _mean(self.recent_cosine),
+            "sg_true_cosine": _mean(self.recent_true_cosine),
+            "sg_true_rel_error": _mean(self.recent_true_error),
             "sg_updates": self.sg_updates,
             "sg_compute_s": self.sg_compute_s,
             "targets_expired": self.targets_expired,
@@ -77,11 +92,14 @@ class StageStats:
             "targets_expired": self.targets_expired,
             "sg_loss": _mean(self._sg_loss),
             "sg_cosine": _mean(self._cosine),
+            "sg_true_cosine": _mean(self._true_cosine),
+            "sg_true_rel_error": _mean(self._true_error),
             "train_loss": _mean(self._loss),
             "train_accuracy": self._correct / self._seen if self._seen else None,
             **staleness_figures(self._staleness),
         }
         self._sg_loss, self._cosine, self._staleness, self._loss = [], [], [], []
+        self._true_cosine, self._true_error = [], []
         self._correct = self._seen = 0
         return out
 

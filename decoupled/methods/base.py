@@ -16,12 +16,14 @@ one process) know nothing of any method: adding one is a module in this package 
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from decoupled.config import Config
 from decoupled.stage import Stage, StageStats
@@ -49,6 +51,10 @@ class MethodStage(ABC):
 
     def __init__(self, stage: Stage) -> None:
         self.stage = stage
+        # The probe in flight: (seq, input, output with its graph, predicted gradient).
+        self._probe: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+        # The exact ∂L/∂h_i of the latest probe batch (non-last stages).
+        self.probe_gradient: torch.Tensor | None = None
 
     # -- what the loops read ---------------------------------------------------------------
     @property
@@ -101,6 +107,45 @@ class MethodStage(ABC):
         request through their process group); called once per step by every such stage."""
         return flag
 
+    # -- the probe: exact gradients at the boundaries, no update ---------------------------------
+    def probe_forward(self, seq: int, x: torch.Tensor, labels: torch.Tensor) -> Sends:
+        """Probe batch ``seq``: this stage's output, on the last stage the exact gradient of
+        its input. The pass runs on a copy of the stage's blocks, whose graph stays valid
+        however many updates the stage makes before the gradient comes back, and whose
+        batch-norm statistics are the copy's to change."""
+        stage = self.stage
+        module = copy.deepcopy(stage.module).train()
+        x = x.to(stage.device, non_blocking=True).requires_grad_(not self.is_first)
+        labels = labels.to(stage.device, non_blocking=True)
+        h = module(x)
+        if self.is_last:
+            loss = F.cross_entropy(h, labels)
+            return Sends(backward=torch.autograd.grad(loss, x)[0] if x.requires_grad else None)
+        self._probe = (seq, x, h, self.predicted_gradient(h.detach(), labels))
+        return Sends(forward=h.detach())
+
+    def probe_backward(self, seq: int, grad: torch.Tensor) -> Sends:
+        """The exact ∂L/∂h_i (B, ...) of probe batch ``seq``: compared with the gradient the
+        method would have used at the time, then passed on through the copy's graph."""
+        if self._probe is None or self._probe[0] != seq:
+            return Sends()  # a probe this stage no longer holds (a restart in between)
+        _, x, h, predicted = self._probe
+        self._probe = None
+        grad = grad.to(self.device, non_blocking=True)
+        self.probe_gradient = grad
+        if predicted is not None:
+            cosine = F.cosine_similarity(predicted.flatten(), grad.flatten(), dim=0)
+            error = (predicted - grad).norm() / grad.norm().clamp_min(1e-12)
+            self.stats.record_probe(float(cosine), float(error))
+        if not x.requires_grad:
+            return Sends()
+        return Sends(backward=torch.autograd.grad(h, x, grad)[0])
+
+    def predicted_gradient(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        """The gradient of h (B, ...) this stage would update with now (methods with synthetic
+        gradients), for the probe to compare with the exact one; None: nothing to compare."""
+        return None
+
     # -- inference, figures, state -------------------------------------------------------------
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
         return self.stage.evaluate(x)
@@ -120,6 +165,8 @@ class Method(ABC):
     """A training method as configured: the stage count, micro-batching, and per-stage parts."""
 
     name: ClassVar[str]
+    # Whether stages update from synthetic gradients (the probe compares them with exact ones).
+    synthetic_gradients: ClassVar[bool] = False
     # False: a chain of K stages, each holding a slice of the model, messages between
     # neighbours. True: K replicas of the whole model, each reading the data (``ddp``).
     replicas: ClassVar[bool] = False
@@ -129,6 +176,11 @@ class Method(ABC):
 
     def num_stages(self) -> int:
         return self.cfg.stages
+
+    def probe_every(self) -> int:
+        """Steps between synthetic-gradient probes (0: none; methods without synthetic
+        gradients have nothing to compare)."""
+        return self.cfg.method.sg.probe_every if self.synthetic_gradients else 0
 
     def micro_batches(self) -> int:
         """Micro-batches stage 0 cuts each batch into (every one a ``forward`` event)."""

@@ -96,6 +96,11 @@ class SynthesizerStage(MethodStage):
         stats.compute_s += elapsed
         return Sends()
 
+    @torch.no_grad()
+    def predicted_gradient(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        prediction: torch.Tensor = self.synthesizer(h, labels)
+        return self.scale * prediction
+
     def held(self) -> int:
         return len(self.history)
 
@@ -115,6 +120,7 @@ class SynthesizerStage(MethodStage):
 
 class DNI(Method):
     name = "dni"
+    synthetic_gradients = True
     conditioned = False  # cDNI: the synthesizers also see the one-hot label
 
     def build_stage(self, stage: Stage, context: StageContext) -> MethodStage:

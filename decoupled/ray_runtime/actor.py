@@ -57,6 +57,7 @@ class StageActor:
         method = method_for(self.cfg)
         self.micro_batches = method.micro_batches()
         self.replicas = method.replicas
+        self.probe_every = method.probe_every()
         # A step that waits for all its micro-batches' gradients must never lose one of them.
         self.back_capacity = max(self.cfg.runtime.channel_capacity, self.micro_batches)
         # The Ray plane's receiving ends (connect_ray); the torch plane has its own.
@@ -135,6 +136,7 @@ class StageActor:
         settings = RunnerSettings(
             schedule=Schedule.from_config(cfg.train, steps_per_epoch, cfg.checkpoint.every),
             micro_batches=self.micro_batches,
+            probe_every=self.probe_every,
             lockstep=cfg.runtime.lockstep,
             send_timeout_s=cfg.runtime.timeout_s,
         )

@@ -74,11 +74,11 @@ class WireMessage:
                 _WireTensor.pack(message.activations),
                 _WireTensor.pack(message.labels),
             )
-        return WireMessage(False, message.seq, Kind.TRAIN, _WireTensor.pack(message.target), None)
+        return WireMessage(False, message.seq, message.kind, _WireTensor.pack(message.target), None)
 
     def unpack(self) -> Message:
         if not self.forward:
-            return BackwardMessage(self.seq, self.payload.unpack())
+            return BackwardMessage(self.seq, self.payload.unpack(), self.kind)
         assert self.labels is not None
         # Labels are copied: a stage keeps them in its history for many steps, and a view
         # would pin the whole message (activations included) in the object store meanwhile.

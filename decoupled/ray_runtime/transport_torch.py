@@ -139,7 +139,7 @@ class Header:
     """A decoded header: what follows it on the wire."""
 
     wire_type: WireType
-    kind: Kind  # Kind.TRAIN for backward messages and end-of-stream (unused there)
+    kind: Kind  # PROBE or TRAIN for backward messages; unused for end-of-stream
     seq: int
     dtype: torch.dtype
     shape: tuple[int, ...]
@@ -190,6 +190,7 @@ def encode_header(message: Message | None) -> list[int]:
         fields[_H_LABELS_INLINE] = int(_inline(message.labels))
     else:
         fields[_H_TYPE] = WireType.BACKWARD
+        fields[_H_KIND] = Kind(message.kind)
         _put_tensor_spec(fields, _H_DTYPE, _H_NDIM, _H_SHAPE, message.target)
     return fields
 
@@ -718,5 +719,5 @@ class TorchReceiver:
             assert labels is not None
             message = ForwardMessage(decoded.seq, decoded.kind, payload, labels)
         else:
-            message = BackwardMessage(decoded.seq, payload)
+            message = BackwardMessage(decoded.seq, payload, decoded.kind)
         return message, works

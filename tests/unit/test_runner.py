@@ -27,6 +27,7 @@ def run_threads(cfg: Config, digits: Dataset, capacity: int = 2) -> list[StageRu
     settings = RunnerSettings(
         schedule=Schedule.from_config(cfg.train, stream.steps_per_epoch),
         micro_batches=method_for(cfg).micro_batches(),
+        probe_every=method_for(cfg).probe_every(),
         lockstep=cfg.runtime.lockstep,
         send_timeout_s=30,
     )
