@@ -332,25 +332,29 @@ def _backpressure_rank(rank: int, capacity: int, blocked: Event) -> Result:
     if rank == 0:
         sender = tt.TorchSender(1, "forward", CPU, max_in_flight=1)
         batches = [_forward(seq, shape) for seq in range(count)]
-        ahead = capacity + sender.max_in_flight  # the receiver's slots, then one on the wire
-        for message in batches[:ahead]:  # generous timeout: the peer may still be starting up
+        for message in batches[:capacity]:  # generous timeout: the peer may still be starting up
             sender.send(message, timeout=WAIT_S)
         timeouts = 0
-        for _ in range(2):  # still full: a retry does not get through either
+        for _ in range(2):  # no credit left: a retry does not get through either
             try:
-                sender.send(batches[ahead], timeout=0.3)
+                sender.send(batches[capacity], timeout=0.3)
             except TimeoutError:
                 timeouts += 1
-        in_flight = sender.in_flight
+        _wait_until(lambda: sender.sent == capacity, "the deliveries to be reported")
         blocked.set()
-        for message in batches[ahead:]:  # a timed-out message was not sent: send it again
+        for message in batches[capacity:]:  # a timed-out message was not sent: send it again
             sender.send(message, timeout=WAIT_S)
         sender.send(_forward(count, shape, Kind.STOP), timeout=WAIT_S)
-        return {"timeouts": timeouts, "in_flight": in_flight, "closed": sender.close(WAIT_S)}
+        closed = sender.close(WAIT_S)
+        return {"timeouts": timeouts, "closed": closed, "sent": sender.sent}
 
     receiver = tt.TorchReceiver(0, "forward", capacity, Policy.BLOCK, CPU)
     assert blocked.wait(WAIT_S), "producer never reported being blocked"
     depth = receiver.depth()
+    # The receiver thread has the next recv posted: the wire would take another message, and
+    # over gloo that send would complete. Only the credit held the producer back, as it must
+    # over NCCL, whose sends complete into the peer's buffer.
+    _wait_until(lambda: receiver._on_wire, "the next recv to be posted")
     messages = _drain(receiver)
     for received in messages:
         assert isinstance(received, ForwardMessage)
@@ -360,15 +364,51 @@ def _backpressure_rank(rank: int, capacity: int, blocked: Event) -> Result:
 
 
 @pytest.mark.timeout(90)
-def test_forward_backpressure_bounds_the_producer_and_loses_nothing() -> None:
-    capacity = 1
+@pytest.mark.parametrize("capacity", [1, 3])
+def test_forward_backpressure_bounds_the_producer_and_loses_nothing(capacity: int) -> None:
     blocked = mp.get_context("spawn").Event()
     producer, consumer = run_ranks(_backpressure_rank, 2, capacity, blocked)
-    # Once ``capacity`` messages wait in the receiver and one is on the wire, sends time out.
-    assert producer == {"timeouts": 2, "in_flight": 1, "closed": True}
+    # Once ``capacity`` messages wait unconsumed in the receiver, sends time out.
+    assert producer == {"timeouts": 2, "closed": True, "sent": 7}  # the STOP message too
     assert consumer["depth"] == capacity
     assert consumer["seqs"] == list(range(7))  # in order, none lost, none twice
     assert consumer["kinds"] == [int(Kind.TRAIN)] * 6 + [int(Kind.STOP)]
+
+
+def _closed_receiver_rank(rank: int, closed: Event) -> Result:
+    shape, capacity = (4, 6), 2
+    if rank == 0:
+        sender = tt.TorchSender(1, "forward", CPU)
+        for seq in range(capacity):
+            sender.send(_forward(seq, shape), timeout=WAIT_S)
+        assert closed.wait(WAIT_S), "the receiver never closed"
+        started = time.monotonic()
+        try:
+            sender.send(_forward(capacity, shape), timeout=WAIT_S)
+            failure = "none"
+        except ChannelClosed as error:
+            failure = str(error)
+        noticed_s = time.monotonic() - started
+        # Its end-of-stream still reaches the closed receiver's posted recv (over gloo that
+        # send completes); the receiver never reports it delivered, so close() must not either.
+        return {"failure": failure, "fast": noticed_s < WAIT_S / 2, "closed": sender.close(2.0)}
+
+    receiver = tt.TorchReceiver(0, "forward", capacity, Policy.BLOCK, CPU)
+    _wait_until(lambda: receiver.depth() == capacity, "the channel to fill")
+    receiver.close()
+    closed.set()
+    return {}
+
+
+@pytest.mark.timeout(90)
+def test_a_closed_receiver_fails_the_sender_and_its_close_reports_no_delivery() -> None:
+    closed = mp.get_context("spawn").Event()
+    producer, _ = run_ranks(_closed_receiver_rank, 2, closed)
+    assert producer == {
+        "failure": "the forward receiver on rank 1 is closed",
+        "fast": True,
+        "closed": False,
+    }
 
 
 def _both_directions_rank(rank: int, count: int, shared_group: bool) -> Result:
@@ -419,20 +459,22 @@ def _peer_death_rank(rank: int) -> Result:
     sender = tt.TorchSender(1, "forward", CPU)
     targets = tt.TorchReceiver(1, "backward", 4, Policy.DROP_OLDEST, CPU)
     sender.send(_forward(0, (2, 3)), timeout=WAIT_S)
-    failure = ""
-    deadline = time.monotonic() + WAIT_S
-    seq = 1
-    while not failure:
-        assert time.monotonic() < deadline, "sends to a dead peer never failed"
-        try:
-            sender.send(_forward(seq, (2, 3)), timeout=0.2)
-            seq += 1
-        except TimeoutError:
-            continue
-        except ChannelClosed as error:
-            failure = repr(error.__cause__)
+    # The receiver holds that message unconsumed: the next send waits for a credit, with no data
+    # op of its own on the wire. Only the control path can tell it the peer died.
+    started = time.monotonic()
+    try:
+        sender.send(_forward(1, (2, 3)), timeout=WAIT_S)
+        failure = "no failure"
+    except ChannelClosed as error:
+        failure = repr(error.__cause__)
+    noticed_s = time.monotonic() - started
     assert _drain(targets) == []  # the receiver from the dead peer stops too
-    return {"skip_barrier": True, "failure": failure, "receiver_error": repr(targets.error)}
+    return {
+        "skip_barrier": True,
+        "failure": failure,
+        "fast": noticed_s < WAIT_S / 2,
+        "receiver_error": repr(targets.error),
+    }
 
 
 _CRASH = 17
@@ -443,7 +485,7 @@ def test_a_dead_peer_surfaces_as_channel_closed_not_a_hang() -> None:
     stage0, stage1 = run_ranks(_peer_death_rank, 2, crashes={1: _CRASH})
     assert stage1 == {"exitcode": _CRASH}
     assert "closed" in stage0["failure"].lower() or "reset" in stage0["failure"].lower()
-    assert stage0["receiver_error"] != "None"
+    assert stage0["fast"] and stage0["receiver_error"] != "None"
 
 
 # --- three processes --------------------------------------------------------------------------
