@@ -393,11 +393,14 @@ def _wait_all(works: list[Work], stream: torch.cuda.Stream | None) -> None:
 # UNLIMITED for Policy.DROP_OLDEST), and a final state. The counts are cumulative, so the
 # receiver coalesces reports: it sends the latest whenever something changed. The sender's
 # listener thread always has a recv posted for the next report: its failure is how a dead
-# receiver is noticed, over gloo, even when the data travels over NCCL.
+# receiver is noticed, over gloo, even when the data travels over NCCL. The other way round,
+# each receiver's watch thread has a recv posted on WATCH_TAGS that the sender completes with
+# a goodbye in ``close``: it fails when the sender's process dies first.
 
 CONTROL_LEN: Final = 4
 CONTROL_MAGIC: Final = 0x444E4943  # "DNIC"
 UNLIMITED: Final = -1
+WATCH_TAGS: Final[dict[Direction, int]] = {"forward": 3, "backward": 4}
 
 
 class PeerState(enum.IntEnum):
@@ -617,10 +620,21 @@ class TorchSender:
                     )
                 except (TimeoutError, ChannelClosed):
                     pass
+                self._goodbye()
                 self._waiter.stop()
             return self._end_sent
         finally:
             self._lock.release()
+
+    def _goodbye(self) -> None:
+        """End the receiver's watch (see "control"). Not waited for here: a receiver that was
+        never made would hold it forever, so the waiter thread keeps it until it completes."""
+        farewell = torch.zeros(1, dtype=torch.int64)
+        try:
+            work = self._control.send([farewell], self._control_peer, WATCH_TAGS[self.direction])
+        except RuntimeError:  # the group is broken: the peer learns of this sender's end anyway
+            return
+        self._waiter.submit(_InFlight(None, [work], [farewell]))
 
     def _await_credit(self, seq: int, deadline: float | None) -> None:
         def granted() -> bool:
@@ -786,8 +800,12 @@ class TorchReceiver:
         self._reporter = threading.Thread(
             target=self._report_loop, name=f"credit-{direction}-to-{peer}", daemon=True
         )
+        self._watch = threading.Thread(
+            target=self._watch_loop, name=f"watch-{direction}-{peer}", daemon=True
+        )
         self._thread.start()
         self._reporter.start()
+        self._watch.start()
 
     def recv(self, timeout: float | None = None) -> Message | None:
         """Next message in order, or None when nothing arrived within ``timeout`` seconds."""
@@ -869,6 +887,17 @@ class TorchReceiver:
                 if last:
                     return
         except BaseException as error:  # the sender's process is gone
+            if not self._stopping.is_set() and not self._ended:
+                self._error = error
+                self._channel.close()
+
+    def _watch_loop(self) -> None:
+        """Wait for the sender's goodbye; if its process dies first, fail this receiver (the
+        data thread may sit in an NCCL recv that never ends)."""
+        farewell = torch.zeros(1, dtype=torch.int64)
+        try:
+            self._control.recv([farewell], self._control_peer, WATCH_TAGS[self.direction]).wait()
+        except BaseException as error:
             if not self._stopping.is_set() and not self._ended:
                 self._error = error
                 self._channel.close()

@@ -198,3 +198,36 @@ def test_to_cpu_keeps_the_structure_and_detaches() -> None:
     assert isinstance(moved["nested"], list) and isinstance(moved["nested"][0], Pair)
     assert moved["nested"][0].b == 3 and moved["nested"][1][1] == "x"
     assert isinstance(moved["nested"][1], tuple) and moved["n"] == 7
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cut_written_on_a_gpu_resumes_with_adams_step_on_the_host(tmp_path: Path) -> None:
+    from decoupled.checkpoint import to_cpu
+
+    device = torch.device("cuda", 0)
+    module = torch.nn.Linear(3, 2).to(device)
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
+    module(torch.ones(4, 3, device=device)).sum().backward()
+    optimizer.step()
+    state = {"module": module.state_dict(), "optimizer": optimizer.state_dict()}
+    assert {t.device.type for t in to_cpu(state)["module"].values()} == {"cpu"}
+    save_stage(tmp_path, 5, 0, state, device)
+    commit_cut(tmp_path, 5, 1, {}, keep=1)
+    cut = latest_cut(tmp_path)
+    assert cut is not None
+    loaded = load_stage(cut, 0, device)
+    assert {t.device.type for t in loaded["module"].values()} == {"cpu"}  # the file's tensors
+
+    resumed = torch.nn.Linear(3, 2).to(device)
+    resumed_optimizer = torch.optim.Adam(resumed.parameters(), lr=1e-3)
+    resumed.load_state_dict(loaded["module"])
+    resumed_optimizer.load_state_dict(loaded["optimizer"])
+    for param in resumed.parameters():
+        assert param.device == device
+        param_state = resumed_optimizer.state[param]
+        assert param_state["exp_avg"].device == device
+        assert param_state["step"].device.type == "cpu"  # no sync per parameter per step
+    resumed(torch.ones(4, 3, device=device)).sum().backward()
+    resumed_optimizer.step()
+    assert [float(resumed_optimizer.state[p]["step"]) for p in resumed.parameters()] == [2.0, 2.0]
