@@ -707,7 +707,11 @@ class TorchSender:
                 tensors.append(message.labels)
         elif isinstance(message, BackwardMessage):
             tensors.append(message.target)
-        tensors = [t.detach().to(self.device).contiguous() for t in tensors]
+        # Host to GPU without waiting: a blocking copy would sync the compute stream, i.e. wait
+        # for the queued backward pass; the NCCL op is ordered after the copy anyway. The other
+        # way (CUDA tensors on a gloo edge) must block: gloo reads the host copy right away.
+        to_gpu = self.device.type == "cuda"
+        tensors = [t.detach().to(self.device, non_blocking=to_gpu).contiguous() for t in tensors]
         try:
             # ProcessGroup.send directly: the dist.isend wrapper costs ~25 us of Python a call,
             # which made a 800 KB message 30% slower than raw send/recv on 2 cores.
