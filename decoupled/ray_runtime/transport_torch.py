@@ -21,7 +21,10 @@ Design points, measured with gloo on torch 2.13, 2 cores (probes and tests):
 - Backpressure is explicit: each receiver reports to its sender, over a gloo control group
   (``open_process_group`` makes it, whatever the data backend), how many messages it delivered
   and how many the sender may have posted in all (a credit per free slot of a Policy.BLOCK
-  channel). It cannot rest on when a send completes: gloo's point-to-point send completes only
+  channel, and one for the message its thread holds while it waits for a slot: the bound the
+  channel had when it rested on gloo's rendezvous, one message on the wire beyond the slots,
+  which the capacity measurements in docs/performance.md used). It cannot rest on when a send
+  completes: gloo's point-to-point send completes only
   once the peer posted the matching recv, but NCCL's can complete into the peer's buffer
   (NVIDIA/nccl#544), so a producer could run ahead, count deliveries that never happened, and
   notice a dead peer only by a timeout. The sender's listener thread always has a gloo recv
@@ -389,7 +392,7 @@ def _wait_all(works: list[Work], stream: torch.cuda.Stream | None) -> None:
 #
 # Each receiver reports to its sender, on the gloo control group and the edge's tag, an int64
 # tensor of CONTROL_LEN fields: magic, messages delivered into its channel so far, the number of
-# messages the sender may have posted in all (its credit: consumed + capacity for Policy.BLOCK,
+# messages the sender may have posted in all (its credit: consumed + capacity + 1 for Policy.BLOCK,
 # UNLIMITED for Policy.DROP_OLDEST), and a final state. The counts are cumulative, so the
 # receiver coalesces reports: it sends the latest whenever something changed. The sender's
 # listener thread always has a recv posted for the next report: its failure is how a dead
@@ -492,8 +495,8 @@ class TorchSender:
     int64), backward senders ``BackwardMessage`` (target (B, ...)). ``send`` posts the message and
     returns while the transfer runs (overlapping it with the caller's compute). It first waits
     for a credit from the receiver (a Policy.BLOCK receiver grants one per free slot of its
-    channel, so the producer is never more than ``capacity`` messages ahead of what the peer's
-    consumer took, whatever the backend does with a send), then until fewer than
+    channel and one more, so the producer is never more than ``capacity + 1`` messages ahead of
+    what the peer's consumer took, whatever the backend does with a send), then until fewer than
     ``max_in_flight`` earlier sends are still running. A timeout never leaves a message
     half-sent: TimeoutError means ``message`` was not posted at all.
 
@@ -638,6 +641,9 @@ class TorchSender:
 
     def _await_credit(self, seq: int, deadline: float | None) -> None:
         def granted() -> bool:
+            # A credit left over does not make a closed or dead receiver worth sending to.
+            if self._peer_error is not None or self._peer_state is not PeerState.OPEN:
+                return False
             return self._granted == UNLIMITED or self._posted < self._granted
 
         try:
@@ -758,8 +764,9 @@ class TorchReceiver:
     A daemon thread receives messages into a ``LocalChannel(capacity, policy)``; tensors arrive
     on ``device``, except labels that travelled in the header, which stay on the host (no sync
     to read them; consumers move labels where they need them). A second thread reports to the
-    sender (see "control"): Policy.BLOCK (forward) grants the sender one credit per free slot,
-    so the peer's ``send`` blocks while ``capacity`` messages wait here unconsumed;
+    sender (see "control"): Policy.BLOCK (forward) grants the sender one credit per free slot
+    and one for the message the thread holds while it waits for a slot, so the peer's ``send``
+    blocks while ``capacity`` messages wait here unconsumed and one more is held;
     Policy.DROP_OLDEST (backward) grants without limit, and the channel drops its oldest message
     when full, counted in ``dropped``; the peer never blocks for long.
     On end-of-stream the thread stops; ``recv`` drains what is left, then raises ChannelClosed.
@@ -880,7 +887,7 @@ class TorchReceiver:
                         self._report.wait()
                     self._report_due = False
                     granted = (
-                        self._consumed + self._capacity
+                        self._consumed + self._capacity + 1
                         if self._policy is Policy.BLOCK
                         else UNLIMITED
                     )
@@ -934,13 +941,9 @@ class TorchReceiver:
                 self._on_wire = False
                 if self._stopping.is_set():
                     return
-                try:
-                    self._channel.send(message, timeout=0.0)  # BLOCK: credits kept room
-                except TimeoutError:
-                    raise ProtocolError(
-                        f"rank {self.peer} sent {self.direction} message seq={message.seq} "
-                        f"without a credit (all {self._capacity} slots were full)"
-                    ) from None
+                # BLOCK: waits for a slot, holding the one message the credits allow beyond them
+                # (``close`` ends the wait); DROP_OLDEST: never waits.
+                self._channel.send(message)
                 self._note(delivered=1)
         except BaseException as error:
             if not self._stopping.is_set():

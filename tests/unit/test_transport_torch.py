@@ -365,17 +365,18 @@ def _backpressure_rank(rank: int, capacity: int, blocked: Event, backend: str) -
     if rank == 0:
         sender = tt.TorchSender(1, "forward", dev, max_in_flight=1)
         batches = [_forward(seq, shape) for seq in range(count)]
-        for message in batches[:capacity]:  # generous timeout: the peer may still be starting up
+        ahead = capacity + 1  # the receiver's slots, and the message its thread holds
+        for message in batches[:ahead]:  # generous timeout: the peer may still be starting up
             sender.send(message, timeout=WAIT_S)
         timeouts = 0
         for _ in range(2):  # no credit left: a retry does not get through either
             try:
-                sender.send(batches[capacity], timeout=0.3)
+                sender.send(batches[ahead], timeout=0.3)
             except TimeoutError:
                 timeouts += 1
         _wait_until(lambda: sender.sent == capacity, "the deliveries to be reported")
         blocked.set()
-        for message in batches[capacity:]:  # a timed-out message was not sent: send it again
+        for message in batches[ahead:]:  # a timed-out message was not sent: send it again
             sender.send(message, timeout=WAIT_S)
         sender.send(_forward(count, shape, Kind.STOP), timeout=WAIT_S)
         closed = sender.close(WAIT_S)
@@ -384,10 +385,9 @@ def _backpressure_rank(rank: int, capacity: int, blocked: Event, backend: str) -
     receiver = tt.TorchReceiver(0, "forward", capacity, Policy.BLOCK, dev)
     assert blocked.wait(WAIT_S), "producer never reported being blocked"
     depth = receiver.depth()
-    # The receiver thread has the next recv posted: the wire would take another message, and
-    # over gloo that send would complete. Only the credit held the producer back, as it must
-    # over NCCL, whose sends complete into the peer's buffer.
-    _wait_until(lambda: receiver._on_wire, "the next recv to be posted")
+    # The receiver thread has the next recv posted (before it waited for a slot): over gloo the
+    # next send would complete. Only the credit held the producer back, as it must over NCCL,
+    # whose sends complete into the peer's buffer.
     messages = _drain(receiver)
     for received in messages:
         assert isinstance(received, ForwardMessage)
@@ -407,23 +407,25 @@ def test_forward_backpressure_bounds_the_producer_and_loses_nothing(
     producer, consumer = run_ranks(
         _backpressure_rank, 2, capacity, blocked, backend=backend, timeout_s=120
     )
-    # Once ``capacity`` messages wait unconsumed in the receiver, sends time out.
+    # Once ``capacity`` messages wait unconsumed in the receiver and one more is held, sends
+    # time out.
     assert producer == {"timeouts": 2, "closed": True, "sent": 7}  # the STOP message too
     assert consumer["depth"] == capacity
     assert consumer["seqs"] == list(range(7))  # in order, none lost, none twice
     assert consumer["kinds"] == [int(Kind.TRAIN)] * 6 + [int(Kind.STOP)]
 
 
-def _closed_receiver_rank(rank: int, closed: Event, backend: str) -> Result:
+def _closed_receiver_rank(rank: int, filled: Event, closed: Event, backend: str) -> Result:
     shape, capacity = (4, 6), 2
     if rank == 0:
         sender = tt.TorchSender(1, "forward", CPU)
-        for seq in range(capacity):
+        for seq in range(capacity + 1):  # every credit: the next send must wait for one
             sender.send(_forward(seq, shape), timeout=WAIT_S)
+        filled.set()
         assert closed.wait(WAIT_S), "the receiver never closed"
         started = time.monotonic()
         try:
-            sender.send(_forward(capacity, shape), timeout=WAIT_S)
+            sender.send(_forward(capacity + 1, shape), timeout=WAIT_S)
             failure = "none"
         except ChannelClosed as error:
             failure = str(error)
@@ -433,6 +435,7 @@ def _closed_receiver_rank(rank: int, closed: Event, backend: str) -> Result:
         return {"failure": failure, "fast": noticed_s < WAIT_S / 2, "closed": sender.close(2.0)}
 
     receiver = tt.TorchReceiver(0, "forward", capacity, Policy.BLOCK, CPU)
+    assert filled.wait(WAIT_S), "the sender never used its credits"
     _wait_until(lambda: receiver.depth() == capacity, "the channel to fill")
     receiver.close()
     closed.set()
@@ -441,8 +444,8 @@ def _closed_receiver_rank(rank: int, closed: Event, backend: str) -> Result:
 
 @pytest.mark.timeout(90)
 def test_a_closed_receiver_fails_the_sender_and_its_close_reports_no_delivery() -> None:
-    closed = mp.get_context("spawn").Event()
-    producer, _ = run_ranks(_closed_receiver_rank, 2, closed)
+    context = mp.get_context("spawn")
+    producer, _ = run_ranks(_closed_receiver_rank, 2, context.Event(), context.Event())
     assert producer == {
         "failure": "the forward receiver on rank 1 is closed",
         "fast": True,
@@ -499,12 +502,14 @@ def _peer_death_rank(rank: int, backend: str) -> Result:
     sender = tt.TorchSender(1, "forward", dev)
     targets = tt.TorchReceiver(1, "backward", 4, Policy.DROP_OLDEST, dev)
     sender.send(_forward(0, (2, 3)), timeout=WAIT_S)
-    # The receiver holds that message unconsumed: the next send waits for a credit, with no data
-    # op of its own on the wire. Only the control path can tell it the peer died.
     started = time.monotonic()
+    failure = "no failure"
     try:
-        sender.send(_forward(1, (2, 3)), timeout=WAIT_S)
-        failure = "no failure"
+        sender.send(_forward(1, (2, 3)), timeout=WAIT_S)  # the credit beyond the one slot
+        # The receiver held the first message unconsumed: this send waits for a credit, with no
+        # data op of its own on the wire. Only the control path can tell it the peer died.
+        started = time.monotonic()
+        sender.send(_forward(2, (2, 3)), timeout=WAIT_S)
     except ChannelClosed as error:
         failure = repr(error.__cause__)
     noticed_s = time.monotonic() - started
