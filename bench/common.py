@@ -58,7 +58,7 @@ def wait_quiet(max_busy: float, timeout_s: float) -> float:
 
 
 def machine() -> dict[str, Any]:
-    """CPU model and count, load averages, Python, torch and Ray versions."""
+    """CPU model and count, load averages, Python, torch, Ray and CUDA versions, GPU models."""
     import ray
     import torch
 
@@ -78,6 +78,10 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "ray": ray.__version__,
+        "cuda": torch.version.cuda,  # None for a CPU build of torch
+        "gpus": [
+            torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())
+        ],  # empty without a CUDA device
     }
 
 

@@ -17,6 +17,10 @@ gloo; their steady rate is read the same way, from their last stage's clock at e
     .venv/bin/python bench/throughput.py                      # K=2, 200 steps, 3 repeats
     .venv/bin/python bench/throughput.py --stages 2 4 --steps 300 --json runs/bench/tp.json
     .venv/bin/python bench/throughput.py --only peer pipeline    # the peer, ours, and the baseline
+    .venv/bin/python bench/throughput.py --gpus 1 --only "dni K=2 torch"  # on one shared GPU
+
+``--gpus N`` declares N GPUs to Ray: each case's stages then get GPUs as
+``runtime.gpus_per_stage=auto`` gives them (K stages on fewer GPUs share them).
 
 K stages on K workers need K free cores: on a 2-core machine only K=2 measures scaling.
 """
@@ -214,6 +218,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--only", nargs="*", default=[], help="run only cases whose label has these")
     p.add_argument("--set", nargs="*", default=[], help="extra KEY=VALUE config overrides")
     p.add_argument("--json", type=Path, help="write every run and the aggregates here")
+    p.add_argument("--gpus", type=int, default=0, help="GPUs to give Ray (default: none)")
     p.add_argument(
         "--quiet",
         type=float,
@@ -234,7 +239,7 @@ def main() -> None:
     ray.init(  # "local": a fresh instance even if another Ray runs on this machine
         address="local",
         num_cpus=max(args.stages),
-        num_gpus=0,
+        num_gpus=args.gpus,
         include_dashboard=False,
         logging_level=logging.WARNING,
     )

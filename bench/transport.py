@@ -13,6 +13,15 @@ Modes, each moving float32 tensors of shape (size / 4 KB, 1024) from a producer 
   ``OrderedInbox`` drained by a consumer thread, wired like ``decoupled/ray_runtime/actor.py``;
 - ``ray-zc``: the same with ``RAY_ENABLE_ZERO_COPY_TORCH_TENSORS=1`` (not what the library sets).
 
+CUDA modes (need a GPU; not in the default list), for two stages sharing one GPU:
+
+- ``cuda-host``: what such stages do today: the producer's activations are on ``cuda:0``, the
+  channel (gloo, as the actors use it when stages share a GPU) copies them to host memory, the
+  consumer moves them back to ``cuda:0``; a message counts once it is on the device;
+- ``cuda-d2d``: one ``torch.cuda`` device-to-device copy of the same tensor in one process,
+  timed with CUDA events: the physical limit of moving it between stages on one GPU
+  ("x d2d" is to this).
+
 One repetition: the producer sends N messages, the consumer receives N; the time from the first
 send to the last receive (both read from the host's monotonic clock), divided by N, is the
 per-message cost. Each round starts fresh processes per mode (modes interleaved) and discards
@@ -21,6 +30,7 @@ mode the script waits until the CPUs are mostly idle (``--quiet``) and records h
 
     .venv/bin/python bench/transport.py                # 64K 1M 4M 16M, 3 rounds x 3 repeats
     .venv/bin/python bench/transport.py --sizes 1M 64M --rounds 5 --json runs/bench/tr.json
+    .venv/bin/python bench/transport.py --modes cuda-host cuda-d2d --sizes 1M 4M 16M 64M
 """
 
 from __future__ import annotations
@@ -55,6 +65,7 @@ from decoupled.ray_runtime.transport_torch import (
 
 CAPACITY = RuntimeConfig().channel_capacity  # the default forward channel capacity
 WINDOW = 2  # raw-async: sends in flight, receives posted ahead
+CUDA_MODES = ("cuda-host", "cuda-d2d")
 ROW_BYTES = 1024 * 4  # one row of the (rows, 1024) float32 payload
 Plan = list[tuple[int, int]]  # (bytes, messages per repetition)
 Result = tuple[str, int, int, float]  # (mode, bytes, repetition, seconds per message)
@@ -100,8 +111,13 @@ def send_all(mode: str, n: int, x: torch.Tensor, labels: torch.Tensor, sender: A
 def recv_all(mode: str, n: int, x: torch.Tensor, receiver: Any) -> None:
     if receiver is not None:
         for _ in range(n):
-            if receiver.recv(timeout=60.0) is None:
+            message = receiver.recv(timeout=60.0)
+            if message is None:
                 raise TimeoutError("no message within 60 s")
+            if mode == "cuda-host":  # a stage's first use: its input on its device
+                message.activations.to(x.device)
+        if mode == "cuda-host":
+            torch.cuda.synchronize(x.device)
     elif mode == "raw":
         buffer = torch.empty_like(x)
         for _ in range(n):
@@ -122,7 +138,8 @@ def torch_worker(rank: int, mode: str, port: int, plan: Plan, repeats: int, out:
         dist.init_process_group("gloo", init_method=url, rank=rank, world_size=2)
     else:
         open_process_group(rank, 2, "127.0.0.1", port, "gloo", 60.0)
-    cpu, channel = torch.device("cpu"), mode.startswith("torch")
+    cpu, channel = torch.device("cpu"), mode.startswith("torch") or mode == "cuda-host"
+    compute = torch.device("cuda", 0) if mode == "cuda-host" else cpu
     in_flight = 2 if mode == "torch-if2" else 1
     sender = receiver = None
     if channel and rank == 0:
@@ -131,6 +148,7 @@ def torch_worker(rank: int, mode: str, port: int, plan: Plan, repeats: int, out:
         receiver = TorchReceiver(0, "forward", CAPACITY, Policy.BLOCK, cpu)
     for size, n in plan:
         x, labels = payload(size)
+        x = x.to(compute)
         for rep in range(repeats + 1):  # repetition 0 is a warm-up
             dist.barrier()
             if rank == 0:
@@ -170,6 +188,26 @@ def run_torch(mode: str, plan: Plan, repeats: int) -> list[Result]:
         for size, n in plan
         for rep in range(1, repeats + 1)
     ]
+
+
+def run_d2d(mode: str, plan: Plan, repeats: int) -> list[Result]:
+    """``cuda-d2d``: n device-to-device copies of the payload on cuda:0, timed by CUDA events."""
+    device = torch.device("cuda", 0)
+    results: list[Result] = []
+    for size, n in plan:
+        source = payload(size)[0].to(device)
+        target = torch.empty_like(source)
+        for rep in range(repeats + 1):  # repetition 0 is a warm-up
+            start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+            start.record()
+            for _ in range(n):
+                target.copy_(source)
+            end.record()
+            end.synchronize()
+            if rep:
+                results.append((mode, size, rep, start.elapsed_time(end) / 1e3 / n))
+    return results
 
 
 # --- Ray: two actors, as the stage actors are wired ----------------------------------------------
@@ -255,6 +293,7 @@ def summarise(results: list[Result], modes: list[str], plan: Plan) -> list[dict[
         per_mode = {m: [r[3] for r in results if r[0] == m and r[1] == size] for m in modes}
         raws = {m: statistics.median(per_mode[m]) for m in ("raw", "raw-async") if m in modes}
         best = min(raws.values(), default=None)  # the faster raw mode at this size
+        d2d = statistics.median(per_mode["cuda-d2d"]) if "cuda-d2d" in modes else None
         for mode in modes:
             per = per_mode[mode]
             median = statistics.median(per)
@@ -269,6 +308,7 @@ def summarise(results: list[Result], modes: list[str], plan: Plan) -> list[dict[
                     "mb_per_s": size / median / 2**20,
                     "ratio_to_raw": median / raws["raw"] if "raw" in raws else None,
                     "ratio_to_best_raw": median / best if best else None,
+                    "ratio_to_d2d": median / d2d if d2d else None,
                     "runs_s": per,
                 }
             )
@@ -277,12 +317,16 @@ def summarise(results: list[Result], modes: list[str], plan: Plan) -> list[dict[
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| size | mode | messages | us/message (median) | min - max | MB/s | x raw | x best raw |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| size | mode | messages | us/message (median) | min - max | MB/s | x raw | x best raw "
+        "| x d2d |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         size = f"{r['bytes'] / 2**20:g} MB" if r["bytes"] >= 2**20 else f"{r['bytes'] >> 10} KB"
-        ratios = [f"{v:.2f}" if v else "-" for v in (r["ratio_to_raw"], r["ratio_to_best_raw"])]
+        ratios = [
+            f"{v:.2f}" if v else "-"
+            for v in (r["ratio_to_raw"], r["ratio_to_best_raw"], r["ratio_to_d2d"])
+        ]
         lines.append(
             f"| {size} | {r['mode']} | {r['messages']} | {r['us_per_message']:.0f} | "
             f"{r['us_min']:.0f} - {r['us_max']:.0f} | {r['mb_per_s']:.0f} | {' | '.join(ratios)} |"
@@ -295,7 +339,7 @@ def parse_args() -> argparse.Namespace:
     sizes = [2**16, 2**20, 2**22, 2**24, 2**26]  # 64K 1M 4M 16M 64M
     p.add_argument("--sizes", type=parse_size, nargs="+", default=sizes, help="e.g. 64K 1M 64M")
     modes = ["raw", "raw-async", "torch", "torch-if2", "ray", "ray-zc"]
-    p.add_argument("--modes", nargs="+", default=modes, choices=modes)
+    p.add_argument("--modes", nargs="+", default=modes, choices=[*modes, *CUDA_MODES])
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions (+1 warm-up)")
     p.add_argument("--rounds", type=int, default=3, help="fresh process pairs per mode")
     p.add_argument("--bytes-per-rep", type=parse_size, default=2**26, help="N = this / size")
@@ -313,6 +357,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if any(mode in CUDA_MODES for mode in args.modes) and not torch.cuda.is_available():
+        raise SystemExit(f"modes {', '.join(CUDA_MODES)} need a CUDA device; this machine has none")
     plan: Plan = [
         (size, max(args.min_messages, min(args.max_messages, args.bytes_per_rep // size)))
         for size in args.sizes
@@ -325,7 +371,9 @@ def main() -> None:
             load = wait_quiet(args.quiet, timeout_s=600)  # other work skews every figure
             busy[mode] = max(busy.get(mode, 0.0), load)
             started = time.perf_counter()
-            run = run_torch if not mode.startswith("ray") else run_ray
+            run = (
+                run_ray if mode.startswith("ray") else run_d2d if mode == "cuda-d2d" else run_torch
+            )
             results += run(mode, plan, args.repeats)
             elapsed = time.perf_counter() - started
             print(f"[{rnd + 1}] {mode}: {elapsed:.1f}s (CPUs busy before: {load:.2f})", flush=True)

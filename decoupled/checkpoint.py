@@ -82,7 +82,8 @@ def save_stage(
         "format": FORMAT,
         "step": step,
         "index": index,
-        "state": state,
+        # Host tensors in the file: a cut written on a GPU loads on a machine without one.
+        "state": to_cpu(state),
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }
@@ -165,11 +166,31 @@ def latest_cut(root: Path) -> Cut | None:
     return read_cut(cut_dir(root, steps[-1])) if steps else None
 
 
+def to_cpu(state: Any) -> Any:
+    """``state`` with every tensor in it (nested dicts, lists, tuples) detached and on the host.
+
+    For state dicts that leave their process: the driver of a Ray run may have no GPU."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return {key: to_cpu(value) for key, value in state.items()}
+    if isinstance(state, tuple) and hasattr(state, "_fields"):  # a named tuple
+        return type(state)(*(to_cpu(value) for value in state))
+    if isinstance(state, list | tuple):
+        return type(state)(to_cpu(value) for value in state)
+    return state
+
+
 def load_stage(cut: Cut, index: int, device: torch.device) -> dict[str, Any]:
-    """Stage ``index``'s state dict from ``cut``; restores the RNG state it was saved with."""
+    """Stage ``index``'s state dict from ``cut``, its tensors on the host; restores the RNG state
+    it was saved with (the CUDA one on ``device``).
+
+    ``load_state_dict`` places the tensors: modules copy into their parameters' device, and
+    optimizers move their state to the parameters' device, except Adam's ``step``, which must
+    stay on the host (on the GPU every step would read it back with a sync per parameter)."""
     path = cut.stage_file(index)
     try:
-        payload = torch.load(path, map_location=device, weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
         raise CheckpointError(f"{path}: cannot be read ({err})") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

@@ -18,17 +18,28 @@ header). End-of-stream is a header alone.
 
 Design points, measured with gloo on torch 2.13, 2 cores (probes and tests):
 
-- gloo's point-to-point send completes only once the peer has posted the matching recv
-  (rendezvous, even for 16 bytes). Backpressure is therefore "the receiver does not post": a
-  Policy.BLOCK receiver holds one credit per slot of its ``LocalChannel`` and posts a header recv
-  only with a credit in hand, so the producer's messages wait on the wire, not in memory here.
-  Policy.DROP_OLDEST receivers always post; their channel drops the oldest message instead.
+- Backpressure is explicit: each receiver reports to its sender, over a gloo control group
+  (``open_process_group`` makes it, whatever the data backend), how many messages it delivered
+  and how many the sender may have posted in all (a credit per free slot of a Policy.BLOCK
+  channel, and one for the message its thread holds while it waits for a slot: the bound the
+  channel had when it rested on gloo's rendezvous, one message on the wire beyond the slots,
+  which the capacity measurements in docs/performance.md used). It cannot rest on when a send
+  completes: gloo's point-to-point send completes only
+  once the peer posted the matching recv, but NCCL's can complete into the peer's buffer
+  (NVIDIA/nccl#544), so a producer could run ahead, count deliveries that never happened, and
+  notice a dead peer only by a timeout. The sender's listener thread always has a gloo recv
+  posted for the next report: a dead receiver ends it at once, so ``send`` raises
+  ChannelClosed even when the data travels over NCCL.
 - gloo's ``Work.is_completed()`` stays False for send/recv until someone called ``wait()``, and
   ``get_future()`` is not implemented. ``wait(timeout)`` that expires, and a plain ``wait()``
   once the group timeout passed, close *every* pair of the group ("Application timeout caused
   pair closure"). So every wait here is untimed, on groups whose timeout is ``DATA_TIMEOUT``
   (days); a sender's waits run on a helper thread, and callers wait on an event with their own
   deadline. A dead peer still ends a wait at once ("Connection closed by peer").
+- NCCL's ``wait()`` does not block the host: helper threads order the op before a stream of
+  their own and sleep on a blocking-sync CUDA event recorded there (``_wait_all``), rather than
+  polling ``is_completed()``, and read received headers on that stream too, so no helper waits
+  for the compute thread's queued kernels.
 - One thread sending and any number of threads receiving, or several threads sending to
   different peers, on one gloo group, with or without separate groups per direction: no
   corruption, no deadlock (3 ranks, 150 messages of mixed shapes each way, 10 runs). The only
@@ -49,6 +60,7 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Final, Literal
@@ -85,9 +97,6 @@ HEADER_LEN: Final = 32
 INLINE_LABELS: Final = 1024
 MAX_NDIM: Final = 8
 MAGIC: Final = 0x444E4931  # "DNI1": catches a receiver reading payload bytes as a header
-
-# NCCL's wait() does not block the CPU, so completion is polled; this is the poll interval.
-_NCCL_POLL_S: Final = 50e-6
 
 # dtype codes on the wire; the position in this tuple is the code, so only ever append.
 WIRE_DTYPES: Final[tuple[torch.dtype, ...]] = (
@@ -233,6 +242,7 @@ def header_len(direction: Direction) -> int:
 # --- process group -------------------------------------------------------------------------------
 
 _DATA_GROUPS: dict[Direction, ProcessGroup] = {}
+_CONTROL_GROUPS: list[ProcessGroup] = []
 
 
 def free_port() -> int:
@@ -248,10 +258,11 @@ def open_process_group(
     """Join the process group of all stages (every rank calls this with the same arguments).
 
     ``address:port`` is the TCP rendezvous, hosted by rank 0. ``timeout_s`` bounds the
-    rendezvous and collectives on the default group; the per-direction data groups created here
-    use ``DATA_TIMEOUT`` instead, because their waits are untimed by design (see module doc).
-    ``backend``: "gloo" for CPU tensors, "nccl" for CUDA tensors (one GPU per rank; do not bind
-    a device_id: that would put all point-to-point traffic of a group on one NCCL stream).
+    rendezvous and collectives on the default group; the per-direction data groups and the
+    control group created here use ``DATA_TIMEOUT`` instead, because their waits are untimed by
+    design (see module doc). ``backend``: "gloo" for CPU tensors, "nccl" for CUDA tensors (one
+    GPU per rank; do not bind a device_id: that would put all point-to-point traffic of a group
+    on one NCCL stream). The control group is gloo whatever the backend.
     """
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
@@ -273,15 +284,22 @@ def open_process_group(
         if group is None:
             raise RuntimeError(f"this rank is not in the {direction} group")
         _DATA_GROUPS[direction] = group
+    control = dist.new_group(
+        ranks, timeout=DATA_TIMEOUT, backend="gloo", group_desc="decoupled_control"
+    )
+    if control is None:
+        raise RuntimeError("this rank is not in the control group")
+    _CONTROL_GROUPS[:] = [control]
 
 
 def close_process_group() -> None:
-    """Destroy the data groups and the default group, if open.
+    """Destroy the data groups, the control group and the default group, if open.
 
     Close senders first (so peers see end-of-stream) and let every rank get there (a barrier
     on the default group) so nobody tears down sockets under a message still in flight.
     """
     _DATA_GROUPS.clear()
+    _CONTROL_GROUPS.clear()
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -296,6 +314,15 @@ def direction_group(direction: Direction) -> ProcessGroup:
         ) from None
 
 
+def control_group() -> ProcessGroup:
+    """The gloo group ``open_process_group`` made for credits and acknowledgements."""
+    if not _CONTROL_GROUPS:
+        raise RuntimeError(
+            "no control group: call open_process_group first, or pass one explicitly"
+        )
+    return _CONTROL_GROUPS[0]
+
+
 def _resolve(
     group: ProcessGroup | None, direction: Direction, device: torch.device
 ) -> ProcessGroup:
@@ -306,6 +333,14 @@ def _resolve(
     wanted = "nccl" if device.type == "cuda" else "gloo"
     if backend != wanted:
         raise ValueError(f"{device.type} tensors travel over {wanted}, the group is {backend}")
+    return resolved
+
+
+def _resolve_control(group: ProcessGroup | None) -> ProcessGroup:
+    resolved = group if group is not None else control_group()
+    backend = str(dist.get_backend(resolved))
+    if backend != "gloo":
+        raise ValueError(f"the control group must be gloo, it is {backend}")
     return resolved
 
 
@@ -325,15 +360,57 @@ def _group_rank(group: ProcessGroup, peer: int) -> int:
         raise ValueError(f"rank {peer} is not in the group: {error}") from error
 
 
-def _wait_all(works: list[Work], device: torch.device) -> None:
-    """Block the calling thread until every op in ``works`` finished (untimed, see module doc)."""
-    if device.type == "cuda":
-        # NCCL's wait() only orders the current stream after the op: poll the op's own event so
-        # the thread really waits for the peer (that wait is the backpressure).
-        while not all(work.is_completed() for work in works):
-            time.sleep(_NCCL_POLL_S)
-    for work in works:
-        work.wait()
+def _helper_stream(device: torch.device) -> torch.cuda.Stream | None:
+    """For a helper thread on a CUDA ``device``: select the device, return a stream of the
+    thread's own to wait on (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.set_device(device)
+    return torch.cuda.Stream(device)
+
+
+def _wait_all(works: list[Work], stream: torch.cuda.Stream | None) -> None:
+    """Block the calling thread until every op in ``works`` finished (untimed, see module doc).
+
+    ``stream``: None for gloo ops. For NCCL ops, the helper thread's own stream: NCCL's
+    ``wait()`` only orders the current stream after the op, so the ops are ordered before
+    ``stream``, and the thread sleeps on an event recorded there (a blocking-sync event: no
+    spinning, the GIL released). Waiting on the default stream instead would also wait for the
+    compute thread's queued kernels."""
+    if stream is None:
+        for work in works:
+            work.wait()
+        return
+    with torch.cuda.stream(stream):
+        for work in works:
+            work.wait()
+    done = torch.cuda.Event(blocking=True)
+    done.record(stream)
+    done.synchronize()
+
+
+# --- control: credits and acknowledgements ------------------------------------------------------
+#
+# Each receiver reports to its sender, on the gloo control group and the edge's tag, an int64
+# tensor of CONTROL_LEN fields: magic, messages delivered into its channel so far, the number of
+# messages the sender may have posted in all (its credit: consumed + capacity + 1 for Policy.BLOCK,
+# UNLIMITED for Policy.DROP_OLDEST), and a final state. The counts are cumulative, so the
+# receiver coalesces reports: it sends the latest whenever something changed. The sender's
+# listener thread always has a recv posted for the next report: its failure is how a dead
+# receiver is noticed, over gloo, even when the data travels over NCCL. The other way round,
+# each receiver's watch thread has a recv posted on WATCH_TAGS that the sender completes with
+# a goodbye in ``close``: it fails when the sender's process dies first.
+
+CONTROL_LEN: Final = 4
+CONTROL_MAGIC: Final = 0x444E4943  # "DNIC"
+UNLIMITED: Final = -1
+WATCH_TAGS: Final[dict[Direction, int]] = {"forward": 3, "backward": 4}
+
+
+class PeerState(enum.IntEnum):
+    OPEN = 0
+    ENDED = 1  # end-of-stream arrived: the last report, with the final delivered count
+    CLOSED = 2  # the receiver was closed before end-of-stream: messages after it are lost
 
 
 # --- sender --------------------------------------------------------------------------------------
@@ -341,7 +418,7 @@ def _wait_all(works: list[Work], device: torch.device) -> None:
 
 @dataclass(eq=False)
 class _InFlight:
-    """A posted message; ``tensors`` stay referenced until the peer received them."""
+    """A posted message; ``tensors`` stay referenced until its send ops completed."""
 
     message: Message | None  # None: end-of-stream
     works: list[Work]
@@ -372,20 +449,44 @@ class _Waiter:
 
     def _run(self) -> None:
         setup_error: BaseException | None = None
+        stream = None
         try:
-            if self._device.type == "cuda":
-                torch.cuda.set_device(self._device)
+            stream = _helper_stream(self._device)
         except BaseException as error:  # every send then fails with it rather than hanging
             setup_error = error
         while (item := self._queue.get()) is not None:
             try:
                 if setup_error is not None:
                     raise setup_error
-                _wait_all(item.works, self._device)
+                _wait_all(item.works, stream)
             except BaseException as error:  # surfaced by the sender, on the caller's thread
                 item.error = error
             finally:
                 item.done.set()
+
+
+# Edges with a live thread that has a recv posted: receivers' data threads (key: the data
+# group) and senders' listeners (key: the control group). A thread closed without its peer's
+# last word may still wait in such a recv; a second one on the edge would race it for messages.
+_RECEIVING: dict[tuple[int, int, int], threading.Thread] = {}
+_RECEIVING_LOCK = threading.Lock()
+
+
+def _claim(key: tuple[int, int, int], thread: threading.Thread, what: str) -> None:
+    with _RECEIVING_LOCK:
+        other = _RECEIVING.get(key)
+        if other is not None and other.is_alive():
+            raise RuntimeError(
+                f"{what} already has a receiver thread (an earlier one closed before its peer's "
+                "last message still waits on it); reopen the group"
+            )
+        _RECEIVING[key] = thread
+
+
+def _release(key: tuple[int, int, int], thread: threading.Thread) -> None:
+    with _RECEIVING_LOCK:
+        if _RECEIVING.get(key) is thread:
+            del _RECEIVING[key]
 
 
 class TorchSender:
@@ -393,14 +494,19 @@ class TorchSender:
 
     Forward senders take ``ForwardMessage`` (activations (B, ...) of any wire dtype, labels (B,)
     int64), backward senders ``BackwardMessage`` (target (B, ...)). ``send`` posts the message and
-    returns while the transfer runs (overlapping it with the caller's compute); it first waits
-    until fewer than ``max_in_flight`` earlier messages are undelivered. So a producer runs at
-    most ``max_in_flight`` messages ahead of what the peer's receiver accepted, and a timeout
-    never leaves a message half-sent: TimeoutError means ``message`` was not posted at all.
+    returns while the transfer runs (overlapping it with the caller's compute). It first waits
+    for a credit from the receiver (a Policy.BLOCK receiver grants one per free slot of its
+    channel and one more, so the producer is never more than ``capacity + 1`` messages ahead of
+    what the peer's consumer took, whatever the backend does with a send), then until fewer than
+    ``max_in_flight`` earlier sends are still running. A timeout never leaves a message
+    half-sent: TimeoutError means ``message`` was not posted at all.
 
     Tensors are moved to ``device`` and made contiguous when needed, otherwise sent from their
-    own memory: do not modify them in place until they are delivered (``flush``). One sender per
-    edge and direction; calls from several threads are serialised.
+    own memory: do not modify them in place until they are delivered (``flush``). Labels of at
+    most INLINE_LABELS elements travel in the header, which is built on the host: CUDA labels
+    cost a device-to-host copy (a sync); a receiver hands inline labels out on the host, so a
+    stage that forwards what it received never pays it. One sender per edge and direction;
+    calls from several threads are serialised.
     """
 
     def __init__(
@@ -410,31 +516,58 @@ class TorchSender:
         device: torch.device,
         group: ProcessGroup | None = None,
         max_in_flight: int = 1,
+        control: ProcessGroup | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
         self.peer = peer
         self.direction: Direction = direction
         self._group = _resolve(group, direction, torch.device(device))
+        self._control = _resolve_control(control)
         self.device = _concrete(device)
         self.max_in_flight = max_in_flight
         self._group_peer = _group_rank(self._group, peer)
+        self._control_peer = _group_rank(self._control, peer)
         self._tag = TAGS[direction]
         self._message_type = ForwardMessage if direction == "forward" else BackwardMessage
         self._lock = threading.Lock()
         self._in_flight: collections.deque[_InFlight] = collections.deque()
-        self._waiter = _Waiter(f"send-{direction}-to-{peer}", self.device)
         self._closed = False
         self._end_sent = False
-        self.sent = 0  # messages delivered: the peer's receiver took them off the wire
+        # What the receiver reported (see "control" above), guarded by _reports.
+        self._reports = threading.Condition()
+        self._posted = 0  # data messages posted
+        self._delivered = 0
+        self._granted = 0  # nothing may be posted before the receiver's first report
+        self._peer_state = PeerState.OPEN
+        self._peer_error: BaseException | None = None
+        self._key = (id(self._control), peer, self._tag)
+        self._listener = threading.Thread(
+            target=self._listen, name=f"credit-{direction}-from-{peer}", daemon=True
+        )
+        _claim(self._key, self._listener, f"{direction} control edge from rank {peer}")
+        self._listener.start()
+        self._waiter = _Waiter(f"send-{direction}-to-{peer}", self.device)
+
+    @property
+    def sent(self) -> int:
+        """Messages the receiver reported delivered into its channel (not merely sent)."""
+        with self._reports:
+            return self._delivered
+
+    @property
+    def in_flight(self) -> int:
+        """Messages posted whose send ops have not completed (a figure for the stats)."""
+        return len(self._in_flight)
 
     def send(self, message: Message, timeout: float | None = None) -> None:
-        """Post ``message`` once fewer than ``max_in_flight`` earlier ones are undelivered.
+        """Post ``message`` once the receiver granted a credit for it and fewer than
+        ``max_in_flight`` earlier sends are running.
 
-        TimeoutError: the peer did not take an earlier message within ``timeout`` seconds
-        (its channel is full: backpressure); ``message`` was not sent, retrying it is safe.
-        ChannelClosed: the sender is closed, or an earlier message failed because the peer is
-        gone (the cause is chained); errors surface on the call after the failed message.
+        TimeoutError: no credit within ``timeout`` seconds (the peer's channel is full:
+        backpressure), or an earlier send still running; ``message`` was not sent, retrying it
+        is safe. ChannelClosed: the sender is closed, the receiver was closed, or the peer is
+        gone (the cause is chained): noticed at once through the control group.
         """
         if not isinstance(message, self._message_type):
             raise TypeError(
@@ -447,32 +580,31 @@ class TorchSender:
         try:
             if self._closed:
                 raise ChannelClosed(f"send on a closed {self.direction} sender to rank {self.peer}")
+            self._await_credit(message.seq, deadline)
             self._settle(self.max_in_flight - 1, deadline)
             self._post(message)
         finally:
             self._lock.release()
 
     def flush(self, timeout: float | None = None) -> None:
-        """Wait until every posted message is delivered (TimeoutError, ChannelClosed as send)."""
+        """Wait until the receiver reported every posted message delivered (TimeoutError,
+        ChannelClosed as send)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         if not self._lock.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
             raise TimeoutError(f"another send to rank {self.peer} held the sender for {timeout}s")
         try:
             self._settle(0, deadline)
+            self._await_reports(lambda: self._delivered >= self._posted, "delivery", deadline)
         finally:
             self._lock.release()
 
-    @property
-    def in_flight(self) -> int:
-        """Messages posted but not yet delivered (a figure for the stats)."""
-        return len(self._in_flight)
-
     def close(self, timeout: float | None = 10.0) -> bool:
-        """Deliver what is in flight, then end-of-stream; True if the peer received it all.
+        """Send end-of-stream after what is in flight; True if the receiver reported every
+        message and the end-of-stream delivered.
 
         The peer's receiver thread then stops and its ``recv`` raises ChannelClosed once drained.
-        False when that did not happen within ``timeout`` (the peer's forward channel stayed
-        full, or the peer is gone); the sender is closed either way.
+        False when that was not reported within ``timeout`` (the peer is gone or was closed, or
+        a send could not complete); the sender is closed either way.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         if not self._lock.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
@@ -484,13 +616,88 @@ class TorchSender:
                     self._settle(0, deadline)
                     self._post(None)
                     self._settle(0, deadline)
-                    self._end_sent = True
+                    self._await_reports(
+                        lambda: self._peer_state is not PeerState.OPEN, "end-of-stream", deadline
+                    )
+                    self._end_sent = (
+                        self._peer_state is PeerState.ENDED and self._delivered == self._posted
+                    )
                 except (TimeoutError, ChannelClosed):
                     pass
+                self._goodbye()
                 self._waiter.stop()
             return self._end_sent
         finally:
             self._lock.release()
+
+    def _goodbye(self) -> None:
+        """End the receiver's watch (see "control"). Not waited for here: a receiver that was
+        never made would hold it forever, so the waiter thread keeps it until it completes."""
+        farewell = torch.zeros(1, dtype=torch.int64)
+        try:
+            work = self._control.send([farewell], self._control_peer, WATCH_TAGS[self.direction])
+        except RuntimeError:  # the group is broken: the peer learns of this sender's end anyway
+            return
+        self._waiter.submit(_InFlight(None, [work], [farewell]))
+
+    def _await_credit(self, seq: int, deadline: float | None) -> None:
+        def granted() -> bool:
+            # A credit left over does not make a closed or dead receiver worth sending to.
+            if self._peer_error is not None or self._peer_state is not PeerState.OPEN:
+                return False
+            return self._granted == UNLIMITED or self._posted < self._granted
+
+        try:
+            self._await_reports(granted, "a credit", deadline)
+        except TimeoutError:
+            raise TimeoutError(
+                f"rank {self.peer} gave no credit for {self.direction} message seq={seq} "
+                "within the timeout (its channel is full)"
+            ) from None
+
+    def _await_reports(self, ready: Callable[[], bool], what: str, deadline: float | None) -> None:
+        """Wait until ``ready()`` holds on the receiver's reports; ChannelClosed if the peer
+        went away or was closed first. Call with ``_lock`` held."""
+        with self._reports:
+            while not ready():
+                if self._peer_error is not None:
+                    self._closed = True
+                    raise ChannelClosed(
+                        f"{self.direction} edge to rank {self.peer} failed: {self._peer_error}"
+                    ) from self._peer_error
+                if self._peer_state is not PeerState.OPEN:
+                    self._closed = True
+                    raise ChannelClosed(
+                        f"the {self.direction} receiver on rank {self.peer} is "
+                        f"{self._peer_state.name.lower()}"
+                    )
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"rank {self.peer} reported no {what} in time")
+                self._reports.wait(remaining)
+
+    def _listen(self) -> None:
+        """Receive the receiver's reports until its last one, or until the edge fails."""
+        report = torch.zeros(CONTROL_LEN, dtype=torch.int64)
+        try:
+            while True:
+                self._control.recv([report], self._control_peer, self._tag).wait()
+                magic, delivered, granted, state = report.tolist()
+                if magic != CONTROL_MAGIC or not 0 <= state < len(PeerState):
+                    raise ProtocolError(f"not a control report from rank {self.peer}: {report}")
+                with self._reports:
+                    self._delivered = max(self._delivered, delivered)
+                    self._granted = granted if granted == UNLIMITED else max(self._granted, granted)
+                    self._peer_state = PeerState(state)
+                    self._reports.notify_all()
+                if state != PeerState.OPEN:
+                    return
+        except BaseException as error:
+            with self._reports:
+                self._peer_error = error
+                self._reports.notify_all()
+        finally:
+            _release(self._key, self._listener)
 
     def _post(self, message: Message | None) -> None:
         fields = encode_header(message)  # validates dtypes/shapes before anything is posted
@@ -501,13 +708,17 @@ class TorchSender:
             tensors.append(message.activations)
             if _inline(message.labels):
                 header[HEADER_LEN : HEADER_LEN + message.labels.numel()] = (
-                    message.labels.detach().reshape(-1).cpu()
+                    message.labels.detach().reshape(-1).cpu()  # a no-op for host labels
                 )
             else:
                 tensors.append(message.labels)
         elif isinstance(message, BackwardMessage):
             tensors.append(message.target)
-        tensors = [t.detach().to(self.device).contiguous() for t in tensors]
+        # Host to GPU without waiting: a blocking copy would sync the compute stream, i.e. wait
+        # for the queued backward pass; the NCCL op is ordered after the copy anyway. The other
+        # way (CUDA tensors on a gloo edge) must block: gloo reads the host copy right away.
+        to_gpu = self.device.type == "cuda"
+        tensors = [t.detach().to(self.device, non_blocking=to_gpu).contiguous() for t in tensors]
         try:
             # ProcessGroup.send directly: the dist.isend wrapper costs ~25 us of Python a call,
             # which made a 800 KB message 30% slower than raw send/recv on 2 cores.
@@ -519,19 +730,23 @@ class TorchSender:
             raise ChannelClosed(
                 f"{self.direction} send to rank {self.peer} failed: {error}"
             ) from error
+        if message is not None:
+            with self._reports:
+                self._posted += 1
         item = _InFlight(message, works, tensors)
         self._in_flight.append(item)
         self._waiter.submit(item)
 
     def _settle(self, keep: int, deadline: float | None) -> None:
-        """Wait until at most ``keep`` messages are in flight, oldest first."""
+        """Wait until at most ``keep`` posted messages have send ops running, oldest first."""
         while len(self._in_flight) > keep:
             oldest = self._in_flight[0]
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             if not oldest.done.wait(remaining):
                 raise TimeoutError(
-                    f"rank {self.peer} did not take {self.direction} message "
-                    f"seq={getattr(oldest.message, 'seq', 'end-of-stream')} within the timeout"
+                    f"the send of {self.direction} message "
+                    f"seq={getattr(oldest.message, 'seq', 'end-of-stream')} to rank {self.peer} "
+                    "did not complete within the timeout"
                 )
             self._in_flight.popleft()
             if oldest.error is not None:
@@ -539,26 +754,22 @@ class TorchSender:
                 raise ChannelClosed(
                     f"{self.direction} send to rank {self.peer} failed: {oldest.error}"
                 ) from oldest.error
-            if oldest.message is not None:
-                self.sent += 1
 
 
 # --- receiver ------------------------------------------------------------------------------------
-
-# Edges with a live receiver thread. A thread that was closed without end-of-stream may still
-# have a header recv posted; a second receiver on that edge would race it for messages.
-_RECEIVING: dict[tuple[int, int, int], threading.Thread] = {}
-_RECEIVING_LOCK = threading.Lock()
 
 
 class TorchReceiver:
     """Receives one direction of one edge from rank ``peer``. Implements ``channel.Receiver``.
 
-    A daemon thread posts recvs and drains messages into a ``LocalChannel(capacity, policy)``;
-    tensors arrive on ``device``. Policy.BLOCK (forward): the thread posts a recv only while the
-    channel has room, so the peer's ``send`` blocks when ``capacity`` messages wait here.
-    Policy.DROP_OLDEST (backward): the thread always receives and the channel drops its oldest
-    message when full, counted in ``dropped``; the peer never blocks for long.
+    A daemon thread receives messages into a ``LocalChannel(capacity, policy)``; tensors arrive
+    on ``device``, except labels that travelled in the header, which stay on the host (no sync
+    to read them; consumers move labels where they need them). A second thread reports to the
+    sender (see "control"): Policy.BLOCK (forward) grants the sender one credit per free slot
+    and one for the message the thread holds while it waits for a slot, so the peer's ``send``
+    blocks while ``capacity`` messages wait here unconsumed and one more is held;
+    Policy.DROP_OLDEST (backward) grants without limit, and the channel drops its oldest message
+    when full, counted in ``dropped``; the peer never blocks for long.
     On end-of-stream the thread stops; ``recv`` drains what is left, then raises ChannelClosed.
     """
 
@@ -570,32 +781,43 @@ class TorchReceiver:
         policy: Policy,
         device: torch.device,
         group: ProcessGroup | None = None,
+        control: ProcessGroup | None = None,
     ) -> None:
         self.peer = peer
         self.direction: Direction = direction
         self._group = _resolve(group, direction, torch.device(device))
+        self._control = _resolve_control(control)
         self.device = _concrete(device)
         self._group_peer = _group_rank(self._group, peer)
+        self._control_peer = _group_rank(self._control, peer)
         self._tag = TAGS[direction]
         self._channel = LocalChannel(capacity, policy)
-        self._credits = threading.Semaphore(capacity) if policy is Policy.BLOCK else None
+        self._capacity = capacity
+        self._policy = policy
         self._stopping = threading.Event()
         self._error: BaseException | None = None
         self._ended = False
         self._on_wire = False  # in an untimed wait for the peer: joining the thread is pointless
+        # What the reporter thread tells the sender, guarded by _report.
+        self._report = threading.Condition()
+        self._delivered = 0
+        self._consumed = 0
+        self._state = PeerState.OPEN
+        self._report_due = True  # the first report carries the first credits
         self._key = (id(self._group), peer, self._tag)
         self._thread = threading.Thread(
             target=self._run, name=f"recv-{direction}-from-{peer}", daemon=True
         )
-        with _RECEIVING_LOCK:
-            other = _RECEIVING.get(self._key)
-            if other is not None and other.is_alive():
-                raise RuntimeError(
-                    f"{direction} edge from rank {peer} already has a receiver thread (an earlier "
-                    "receiver closed before end-of-stream still waits on it); reopen the group"
-                )
-            _RECEIVING[self._key] = self._thread
+        _claim(self._key, self._thread, f"{direction} edge from rank {peer}")
+        self._reporter = threading.Thread(
+            target=self._report_loop, name=f"credit-{direction}-to-{peer}", daemon=True
+        )
+        self._watch = threading.Thread(
+            target=self._watch_loop, name=f"watch-{direction}-{peer}", daemon=True
+        )
         self._thread.start()
+        self._reporter.start()
+        self._watch.start()
 
     def recv(self, timeout: float | None = None) -> Message | None:
         """Next message in order, or None when nothing arrived within ``timeout`` seconds."""
@@ -607,8 +829,8 @@ class TorchReceiver:
                     f"{self.direction} receiver from rank {self.peer} failed: {self._error!r}"
                 ) from self._error
             raise
-        if message is not None and self._credits is not None:
-            self._credits.release()
+        if message is not None and self._policy is Policy.BLOCK:
+            self._note(consumed=1)  # a slot is free: one more credit
         return message
 
     def depth(self) -> int:
@@ -632,62 +854,116 @@ class TorchReceiver:
     def close(self, timeout: float = 1.0) -> None:
         """Stop delivering; messages not yet received are lost. Waits ``timeout`` for the thread.
 
-        After end-of-stream this is instant. Without it the thread may sit in a posted recv until
-        the peer sends or its process goes away (nothing can cancel a posted gloo recv); it is a
-        daemon thread, and this edge cannot get a new receiver until it is gone.
+        The sender is told (its sends then raise ChannelClosed). After end-of-stream this is
+        instant. Without it the thread may sit in a posted recv until the peer sends or its
+        process goes away (nothing can cancel a posted gloo recv); it is a daemon thread, and
+        this edge cannot get a new receiver until it is gone.
         """
         self._stopping.set()
         self._channel.close()
-        if self._credits is not None:
-            self._credits.release()  # wakes a thread waiting for room, which then sees stopping
+        self._note(state=PeerState.CLOSED)
         if not self._on_wire:
             self._thread.join(timeout)
 
+    def _note(
+        self, delivered: int = 0, consumed: int = 0, state: PeerState = PeerState.OPEN
+    ) -> None:
+        """Record what the sender must hear; the reporter sends it (coalesced)."""
+        with self._report:
+            if self._state is not PeerState.OPEN:
+                return  # the last report is made: nothing after it
+            self._delivered += delivered
+            self._consumed += consumed
+            self._state = state
+            self._report_due = True
+            self._report.notify()
+
+    def _report_loop(self) -> None:
+        """Send the sender the latest counts whenever they changed, until the last report."""
+        report = torch.zeros(CONTROL_LEN, dtype=torch.int64)
+        try:
+            while True:
+                with self._report:
+                    while not self._report_due:
+                        self._report.wait()
+                    self._report_due = False
+                    granted = (
+                        self._consumed + self._capacity + 1
+                        if self._policy is Policy.BLOCK
+                        else UNLIMITED
+                    )
+                    fields = [CONTROL_MAGIC, self._delivered, granted, int(self._state)]
+                    last = self._state is not PeerState.OPEN
+                report.copy_(torch.tensor(fields, dtype=torch.int64))
+                self._control.send([report], self._control_peer, self._tag).wait()
+                if last:
+                    return
+        except BaseException as error:  # the sender's process is gone
+            if not self._stopping.is_set() and not self._ended:
+                self._error = error
+                self._channel.close()
+
+    def _watch_loop(self) -> None:
+        """Wait for the sender's goodbye; if its process dies first, fail this receiver (the
+        data thread may sit in an NCCL recv that never ends)."""
+        farewell = torch.zeros(1, dtype=torch.int64)
+        try:
+            self._control.recv([farewell], self._control_peer, WATCH_TAGS[self.direction]).wait()
+        except BaseException as error:
+            if not self._stopping.is_set() and not self._ended:
+                self._error = error
+                self._channel.close()
+
     def _run(self) -> None:
         try:
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
+            stream = _helper_stream(self.device)
             header = torch.empty(header_len(self.direction), dtype=torch.int64, device=self.device)
             header_work: Work | None = None
             while True:
                 if header_work is None:
-                    if self._credits is not None:
-                        self._credits.acquire()
-                    if self._stopping.is_set():
-                        return
                     header_work = self._group.recv([header], self._group_peer, self._tag)
                 self._on_wire = True
-                _wait_all([header_work], self.device)
+                _wait_all([header_work], stream)
                 self._on_wire = False
-                decoded = self._decode(header)
+                host = self._to_host(header, stream)
+                decoded = self._decode(host)
                 if decoded is None:
                     self._ended = True
+                    self._note(state=PeerState.ENDED)
                     return
-                message, works = self._post_body(decoded, header)
+                message, works = self._post_body(decoded, host)
                 # Post the next header recv before waiting for this body: gloo matches recvs in
                 # order, and a recv already posted spares the sender a notify round trip and
-                # this thread a wake-up when messages stream. Only with a free slot, though:
-                # not posting is what holds the sender back.
-                header_work = None
-                if self._credits is None or self._credits.acquire(blocking=False):
-                    header_work = self._group.recv([header], self._group_peer, self._tag)
+                # this thread a wake-up when messages stream. The sender's credits, not this
+                # thread, bound what arrives.
+                header_work = self._group.recv([header], self._group_peer, self._tag)
                 self._on_wire = True
-                _wait_all(works, self.device)
+                _wait_all(works, stream)
                 self._on_wire = False
                 if self._stopping.is_set():
                     return
-                self._channel.send(message)  # never waits: a credit or drop-oldest made room
+                # BLOCK: waits for a slot, holding the one message the credits allow beyond them
+                # (``close`` ends the wait); DROP_OLDEST: never waits.
+                self._channel.send(message)
+                self._note(delivered=1)
         except BaseException as error:
             if not self._stopping.is_set():
                 self._error = error
         finally:
             self._channel.close()
-            with _RECEIVING_LOCK:
-                if _RECEIVING.get(self._key) is self._thread:
-                    del _RECEIVING[self._key]
+            _release(self._key, self._thread)
+
+    @staticmethod
+    def _to_host(header: torch.Tensor, stream: torch.cuda.Stream | None) -> torch.Tensor:
+        """The received ``header`` in host memory, copied on the thread's own stream (the
+        recv is complete: the copy waits for nothing the compute thread queued)."""
+        if stream is None:
+            return header
+        with torch.cuda.stream(stream):
+            return header.cpu()
 
     def _decode(self, header: torch.Tensor) -> Header | None:
-        """The header just received into ``header``; None for end-of-stream."""
+        """The header just received into ``header`` (host memory); None for end-of-stream."""
         decoded = decode_header(header[:HEADER_LEN].tolist())
         if decoded.wire_type is WireType.END:
             return None
@@ -701,7 +977,8 @@ class TorchReceiver:
 
     def _post_body(self, decoded: Header, header: torch.Tensor) -> tuple[Message, list[Work]]:
         """Allocate the tensors ``decoded`` announces and post their recvs (empty ones skipped);
-        inline labels are copied out of ``header``, whose buffer the next message reuses."""
+        inline labels are copied out of ``header`` (host memory), whose buffer the next message
+        reuses."""
         payload = torch.empty(decoded.shape, dtype=decoded.dtype, device=self.device)
         tensors = [payload]
         labels: torch.Tensor | None = None

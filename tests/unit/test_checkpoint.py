@@ -150,3 +150,84 @@ def test_cli_refuses_a_truncated_checkpoint_on_resume(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "stage-0.pt: truncated or altered" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _adam_stage_state() -> tuple[torch.nn.Module, dict[str, object]]:
+    """A module and its Adam optimizer after one step, as a stage's state dict holds them."""
+    module = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
+    module(torch.ones(4, 3)).sum().backward()
+    optimizer.step()
+    return module, {"module": module.state_dict(), "optimizer": optimizer.state_dict()}
+
+
+def test_load_returns_host_tensors_whatever_the_device(tmp_path: Path) -> None:
+    """``load_state_dict`` places tensors; ``load_stage`` must not (a meta device would keep
+    them from ever holding data, as a CUDA device would put Adam's step on the GPU)."""
+    _, state = _adam_stage_state()
+    save_stage(tmp_path, 5, 0, state, CPU)
+    commit_cut(tmp_path, 5, 1, {}, keep=1)
+    cut = latest_cut(tmp_path)
+    assert cut is not None
+    loaded = load_stage(cut, 0, torch.device("meta"))
+    tensors = [*loaded["module"].values()]
+    for param_state in loaded["optimizer"]["state"].values():
+        tensors += [value for value in param_state.values() if isinstance(value, torch.Tensor)]
+    assert len(tensors) == 2 + 2 * 3  # weight and bias; step, exp_avg, exp_avg_sq for each
+    assert {t.device.type for t in tensors} == {"cpu"}
+
+    module = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
+    module.load_state_dict(loaded["module"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    steps = [optimizer.state[p]["step"] for p in module.parameters()]
+    assert [float(step) for step in steps] == [1.0, 1.0]
+    assert all(step.device.type == "cpu" for step in steps)
+
+
+def test_to_cpu_keeps_the_structure_and_detaches() -> None:
+    from collections import namedtuple
+
+    from decoupled.checkpoint import to_cpu
+
+    Pair = namedtuple("Pair", "a b")
+    weight = torch.ones(2, requires_grad=True)
+    state = {"w": weight * 2, "nested": [Pair(torch.zeros(1), 3), (torch.ones(1), "x")], "n": 7}
+    moved = to_cpu(state)
+    assert not moved["w"].requires_grad and torch.equal(moved["w"], torch.full((2,), 2.0))
+    assert isinstance(moved["nested"], list) and isinstance(moved["nested"][0], Pair)
+    assert moved["nested"][0].b == 3 and moved["nested"][1][1] == "x"
+    assert isinstance(moved["nested"][1], tuple) and moved["n"] == 7
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cut_written_on_a_gpu_resumes_with_adams_step_on_the_host(tmp_path: Path) -> None:
+    from decoupled.checkpoint import to_cpu
+
+    device = torch.device("cuda", 0)
+    module = torch.nn.Linear(3, 2).to(device)
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
+    module(torch.ones(4, 3, device=device)).sum().backward()
+    optimizer.step()
+    state = {"module": module.state_dict(), "optimizer": optimizer.state_dict()}
+    assert {t.device.type for t in to_cpu(state)["module"].values()} == {"cpu"}
+    save_stage(tmp_path, 5, 0, state, device)
+    commit_cut(tmp_path, 5, 1, {}, keep=1)
+    cut = latest_cut(tmp_path)
+    assert cut is not None
+    loaded = load_stage(cut, 0, device)
+    assert {t.device.type for t in loaded["module"].values()} == {"cpu"}  # the file's tensors
+
+    resumed = torch.nn.Linear(3, 2).to(device)
+    resumed_optimizer = torch.optim.Adam(resumed.parameters(), lr=1e-3)
+    resumed.load_state_dict(loaded["module"])
+    resumed_optimizer.load_state_dict(loaded["optimizer"])
+    for param in resumed.parameters():
+        assert param.device == device
+        param_state = resumed_optimizer.state[param]
+        assert param_state["exp_avg"].device == device
+        assert param_state["step"].device.type == "cpu"  # no sync per parameter per step
+    resumed(torch.ones(4, 3, device=device)).sum().backward()
+    resumed_optimizer.step()
+    assert [float(resumed_optimizer.state[p]["step"]) for p in resumed.parameters()] == [2.0, 2.0]

@@ -53,10 +53,13 @@ def _child(
     try:
         tt.open_process_group(rank, world_size, "127.0.0.1", port, backend, timeout_s=WAIT_S)
         try:
-            result = target(rank, *args)
-            if not result.pop("skip_barrier", False):
-                # Nobody tears down its sockets while a peer may still read its last message.
-                dist.barrier()
+            result = target(rank, *args, backend)
+            if result.pop("skip_barrier", False):
+                # A peer died: tearing down may wait on its NCCL ops, so report first.
+                results.put((rank, "ok", result))
+                return
+            # Nobody tears down its sockets while a peer may still read its last message.
+            dist.barrier()
         finally:
             tt.close_process_group()
         results.put((rank, "ok", result))
@@ -72,7 +75,8 @@ def run_ranks(
     timeout_s: float = 45.0,
     crashes: dict[int, int] | None = None,
 ) -> list[Result]:
-    """Run ``target(rank, *args)`` in ``world_size`` spawned processes sharing one group.
+    """Run ``target(rank, *args, backend)`` in ``world_size`` spawned processes sharing one
+    group.
 
     ``crashes``: ranks expected to die on purpose, with their exit code; their result is
     ``{"exitcode": code}``.
@@ -125,6 +129,28 @@ def run_ranks(
                 proc.kill()
                 proc.join(timeout=5)
     return [collected[rank] for rank in range(world_size)]
+
+
+def _device(rank: int, backend: str) -> torch.device:
+    """Where a rank's tensors travel from: the host over gloo, GPU ``rank`` over NCCL."""
+    if backend == "gloo":
+        return CPU
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    return device
+
+
+def _nccl(ranks: int) -> Any:
+    """The "nccl" parameter of a backend-parametrised test: a GPU test, one GPU per rank."""
+    return pytest.param(
+        "nccl",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(
+                torch.cuda.device_count() < ranks, reason=f"NCCL needs one GPU per rank ({ranks})"
+            ),
+        ],
+    )
 
 
 def _wait_until(predicate: Callable[[], bool], what: str) -> None:
@@ -235,13 +261,14 @@ def _forward_spec_message(
     return ForwardMessage(seq, kind, activations, _labels(seq, shape[0]))
 
 
-def _forward_shapes_rank(rank: int) -> Result:
+def _forward_shapes_rank(rank: int, backend: str) -> Result:
+    dev = _device(rank, backend)
     if rank == 0:
-        sender = tt.TorchSender(1, "forward", CPU)
+        sender = tt.TorchSender(1, "forward", dev)
         with pytest.raises(TypeError):
             sender.send(BackwardMessage(0, torch.zeros(1)))
-        with pytest.raises(ValueError):
-            tt.TorchSender(1, "forward", torch.device("cuda"))  # gloo group, CUDA tensors
+        with pytest.raises(ValueError):  # the other kind of tensor for this group's backend
+            tt.TorchSender(1, "forward", CPU if backend == "nccl" else torch.device("cuda"))
         for spec in _FORWARD_SPECS:
             sender.send(_forward_spec_message(*spec), timeout=WAIT_S)
         closed = sender.close(timeout=WAIT_S)
@@ -250,9 +277,9 @@ def _forward_shapes_rank(rank: int) -> Result:
         return {"closed": closed, "sent": sender.sent}
 
     # Room for every message and the end-of-stream: nothing is consumed until it all arrived.
-    receiver = tt.TorchReceiver(0, "forward", len(_FORWARD_SPECS) + 1, Policy.BLOCK, CPU)
+    receiver = tt.TorchReceiver(0, "forward", len(_FORWARD_SPECS) + 1, Policy.BLOCK, dev)
     with pytest.raises(RuntimeError, match="already has a receiver"):
-        tt.TorchReceiver(0, "forward", 1, Policy.BLOCK, CPU)
+        tt.TorchReceiver(0, "forward", 1, Policy.BLOCK, dev)
     _wait_until(lambda: receiver.ended, "end-of-stream")
     depth = receiver.depth()
     messages = _drain(receiver)
@@ -263,9 +290,13 @@ def _forward_shapes_rank(rank: int) -> Result:
         assert (message.seq, message.kind) == (seq, kind)
         assert message.activations.dtype == dtype
         assert message.activations.shape == shape
-        assert torch.equal(message.activations, _tensor(seq, shape, dtype))
+        assert torch.equal(message.activations.cpu(), _tensor(seq, shape, dtype))
         assert message.labels.dtype == torch.int64
-        assert torch.equal(message.labels, _labels(seq, shape[0]))
+        assert torch.equal(message.labels.cpu(), _labels(seq, shape[0]))
+        # Labels that travelled in the header stay on the host (no sync to read them).
+        inline = 0 < shape[0] <= tt.INLINE_LABELS
+        assert message.labels.device == (CPU if inline else dev)
+        assert message.activations.device == dev
     receiver.close()
     return {
         "depth_at_end": depth,
@@ -275,9 +306,10 @@ def _forward_shapes_rank(rank: int) -> Result:
     }
 
 
-@pytest.mark.timeout(90)
-def test_forward_messages_of_many_shapes_arrive_in_order_then_end_of_stream() -> None:
-    producer, consumer = run_ranks(_forward_shapes_rank, 2)
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("backend", ["gloo", _nccl(2)])
+def test_forward_messages_of_many_shapes_arrive_in_order_then_end_of_stream(backend: str) -> None:
+    producer, consumer = run_ranks(_forward_shapes_rank, 2, backend=backend, timeout_s=120)
     assert producer == {"closed": True, "sent": len(_FORWARD_SPECS)}
     assert consumer == {
         "depth_at_end": len(_FORWARD_SPECS),
@@ -287,7 +319,7 @@ def test_forward_messages_of_many_shapes_arrive_in_order_then_end_of_stream() ->
     }
 
 
-def _drop_oldest_rank(rank: int, capacity: int, count: int) -> Result:
+def _drop_oldest_rank(rank: int, capacity: int, count: int, backend: str) -> Result:
     shape = (4, 6)
     if rank == 1:  # the later stage produces targets
         sender = tt.TorchSender(0, "backward", CPU)
@@ -327,51 +359,101 @@ def test_backward_drop_oldest_keeps_the_newest_targets_and_counts_the_rest() -> 
     }
 
 
-def _backpressure_rank(rank: int, capacity: int, blocked: Event) -> Result:
+def _backpressure_rank(rank: int, capacity: int, blocked: Event, backend: str) -> Result:
+    dev = _device(rank, backend)
     shape, count = (4, 6), 6
     if rank == 0:
-        sender = tt.TorchSender(1, "forward", CPU, max_in_flight=1)
+        sender = tt.TorchSender(1, "forward", dev, max_in_flight=1)
         batches = [_forward(seq, shape) for seq in range(count)]
-        ahead = capacity + sender.max_in_flight  # the receiver's slots, then one on the wire
+        ahead = capacity + 1  # the receiver's slots, and the message its thread holds
         for message in batches[:ahead]:  # generous timeout: the peer may still be starting up
             sender.send(message, timeout=WAIT_S)
         timeouts = 0
-        for _ in range(2):  # still full: a retry does not get through either
+        for _ in range(2):  # no credit left: a retry does not get through either
             try:
                 sender.send(batches[ahead], timeout=0.3)
             except TimeoutError:
                 timeouts += 1
-        in_flight = sender.in_flight
+        _wait_until(lambda: sender.sent == capacity, "the deliveries to be reported")
         blocked.set()
         for message in batches[ahead:]:  # a timed-out message was not sent: send it again
             sender.send(message, timeout=WAIT_S)
         sender.send(_forward(count, shape, Kind.STOP), timeout=WAIT_S)
-        return {"timeouts": timeouts, "in_flight": in_flight, "closed": sender.close(WAIT_S)}
+        closed = sender.close(WAIT_S)
+        return {"timeouts": timeouts, "closed": closed, "sent": sender.sent}
 
-    receiver = tt.TorchReceiver(0, "forward", capacity, Policy.BLOCK, CPU)
+    receiver = tt.TorchReceiver(0, "forward", capacity, Policy.BLOCK, dev)
     assert blocked.wait(WAIT_S), "producer never reported being blocked"
     depth = receiver.depth()
+    # The receiver thread has the next recv posted (before it waited for a slot): over gloo the
+    # next send would complete. Only the credit held the producer back, as it must over NCCL,
+    # whose sends complete into the peer's buffer.
     messages = _drain(receiver)
     for received in messages:
         assert isinstance(received, ForwardMessage)
-        assert torch.equal(received.activations, _tensor(received.seq, shape))
+        assert torch.equal(received.activations.cpu(), _tensor(received.seq, shape))
     kinds = [int(m.kind) for m in messages if isinstance(m, ForwardMessage)]
     return {"depth": depth, "seqs": [m.seq for m in messages], "kinds": kinds}
 
 
-@pytest.mark.timeout(90)
-def test_forward_backpressure_bounds_the_producer_and_loses_nothing() -> None:
-    capacity = 1
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("backend", ["gloo", _nccl(2)])
+@pytest.mark.parametrize("capacity", [1, 3])
+def test_forward_backpressure_bounds_the_producer_and_loses_nothing(
+    capacity: int, backend: str
+) -> None:
+    """Over NCCL a send may complete into the peer's buffer: the credits must hold anyway."""
     blocked = mp.get_context("spawn").Event()
-    producer, consumer = run_ranks(_backpressure_rank, 2, capacity, blocked)
-    # Once ``capacity`` messages wait in the receiver and one is on the wire, sends time out.
-    assert producer == {"timeouts": 2, "in_flight": 1, "closed": True}
+    producer, consumer = run_ranks(
+        _backpressure_rank, 2, capacity, blocked, backend=backend, timeout_s=120
+    )
+    # Once ``capacity`` messages wait unconsumed in the receiver and one more is held, sends
+    # time out.
+    assert producer == {"timeouts": 2, "closed": True, "sent": 7}  # the STOP message too
     assert consumer["depth"] == capacity
     assert consumer["seqs"] == list(range(7))  # in order, none lost, none twice
     assert consumer["kinds"] == [int(Kind.TRAIN)] * 6 + [int(Kind.STOP)]
 
 
-def _both_directions_rank(rank: int, count: int, shared_group: bool) -> Result:
+def _closed_receiver_rank(rank: int, filled: Event, closed: Event, backend: str) -> Result:
+    shape, capacity = (4, 6), 2
+    if rank == 0:
+        sender = tt.TorchSender(1, "forward", CPU)
+        for seq in range(capacity + 1):  # every credit: the next send must wait for one
+            sender.send(_forward(seq, shape), timeout=WAIT_S)
+        filled.set()
+        assert closed.wait(WAIT_S), "the receiver never closed"
+        started = time.monotonic()
+        try:
+            sender.send(_forward(capacity + 1, shape), timeout=WAIT_S)
+            failure = "none"
+        except ChannelClosed as error:
+            failure = str(error)
+        noticed_s = time.monotonic() - started
+        # Its end-of-stream still reaches the closed receiver's posted recv (over gloo that
+        # send completes); the receiver never reports it delivered, so close() must not either.
+        return {"failure": failure, "fast": noticed_s < WAIT_S / 2, "closed": sender.close(2.0)}
+
+    receiver = tt.TorchReceiver(0, "forward", capacity, Policy.BLOCK, CPU)
+    assert filled.wait(WAIT_S), "the sender never used its credits"
+    _wait_until(lambda: receiver.depth() == capacity, "the channel to fill")
+    receiver.close()
+    closed.set()
+    return {}
+
+
+@pytest.mark.timeout(90)
+def test_a_closed_receiver_fails_the_sender_and_its_close_reports_no_delivery() -> None:
+    context = mp.get_context("spawn")
+    producer, _ = run_ranks(_closed_receiver_rank, 2, context.Event(), context.Event())
+    assert producer == {
+        "failure": "the forward receiver on rank 1 is closed",
+        "fast": True,
+        "closed": False,
+    }
+
+
+def _both_directions_rank(rank: int, count: int, shared_group: bool, backend: str) -> Result:
     shape = (256, 1024)
     group = tt.direction_group("forward") if shared_group else None
     if rank == 0:
@@ -410,50 +492,60 @@ def test_both_directions_at_once_with_large_tensors(shared_group: bool) -> None:
     assert stage1 == {"seqs": list(range(count))}
 
 
-def _peer_death_rank(rank: int) -> Result:
+def _peer_death_rank(rank: int, backend: str) -> Result:
+    dev = _device(rank, backend)
     if rank == 1:
-        receiver = tt.TorchReceiver(0, "forward", 1, Policy.BLOCK, CPU)
+        receiver = tt.TorchReceiver(0, "forward", 1, Policy.BLOCK, dev)
         _wait_until(lambda: receiver.depth() == 1, "the first message")
         os._exit(_CRASH)  # no end-of-stream, no goodbye
 
-    sender = tt.TorchSender(1, "forward", CPU)
-    targets = tt.TorchReceiver(1, "backward", 4, Policy.DROP_OLDEST, CPU)
+    sender = tt.TorchSender(1, "forward", dev)
+    targets = tt.TorchReceiver(1, "backward", 4, Policy.DROP_OLDEST, dev)
     sender.send(_forward(0, (2, 3)), timeout=WAIT_S)
-    failure = ""
-    deadline = time.monotonic() + WAIT_S
-    seq = 1
-    while not failure:
-        assert time.monotonic() < deadline, "sends to a dead peer never failed"
-        try:
-            sender.send(_forward(seq, (2, 3)), timeout=0.2)
-            seq += 1
-        except TimeoutError:
-            continue
-        except ChannelClosed as error:
-            failure = repr(error.__cause__)
+    started = time.monotonic()
+    failure = "no failure"
+    try:
+        sender.send(_forward(1, (2, 3)), timeout=WAIT_S)  # the credit beyond the one slot
+        # The receiver held the first message unconsumed: this send waits for a credit, with no
+        # data op of its own on the wire. Only the control path can tell it the peer died.
+        started = time.monotonic()
+        sender.send(_forward(2, (2, 3)), timeout=WAIT_S)
+    except ChannelClosed as error:
+        failure = repr(error.__cause__)
+    noticed_s = time.monotonic() - started
     assert _drain(targets) == []  # the receiver from the dead peer stops too
-    return {"skip_barrier": True, "failure": failure, "receiver_error": repr(targets.error)}
+    return {
+        "skip_barrier": True,
+        "failure": failure,
+        "fast": noticed_s < WAIT_S / 2,
+        "receiver_error": repr(targets.error),
+    }
 
 
 _CRASH = 17
 
 
-@pytest.mark.timeout(90)
-def test_a_dead_peer_surfaces_as_channel_closed_not_a_hang() -> None:
-    stage0, stage1 = run_ranks(_peer_death_rank, 2, crashes={1: _CRASH})
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("backend", ["gloo", _nccl(2)])
+def test_a_dead_peer_surfaces_as_channel_closed_not_a_hang(backend: str) -> None:
+    """Over NCCL too: the control group (gloo) notices, on both of the survivor's edges."""
+    stage0, stage1 = run_ranks(
+        _peer_death_rank, 2, crashes={1: _CRASH}, backend=backend, timeout_s=120
+    )
     assert stage1 == {"exitcode": _CRASH}
     assert "closed" in stage0["failure"].lower() or "reset" in stage0["failure"].lower()
-    assert stage0["receiver_error"] != "None"
+    assert stage0["fast"] and stage0["receiver_error"] != "None"
 
 
 # --- three processes --------------------------------------------------------------------------
 
 
-def _chain_rank(rank: int, count: int) -> Result:
+def _chain_rank(rank: int, count: int, backend: str) -> Result:
+    dev = _device(rank, backend)
     shape = (4, 6)
     if rank == 0:
-        sender = tt.TorchSender(1, "forward", CPU)
-        targets = tt.TorchReceiver(1, "backward", count, Policy.DROP_OLDEST, CPU)
+        sender = tt.TorchSender(1, "forward", dev)
+        targets = tt.TorchReceiver(1, "backward", count, Policy.DROP_OLDEST, dev)
         for seq in range(count):
             sender.send(_forward(seq, shape), timeout=WAIT_S)
         sender.send(_forward(count, shape, Kind.STOP), timeout=WAIT_S)
@@ -461,14 +553,14 @@ def _chain_rank(rank: int, count: int) -> Result:
         received = _drain(targets)
         for message in received:
             assert isinstance(message, BackwardMessage)
-            assert torch.equal(message.target, 3 * _tensor(message.seq, shape))
+            assert torch.equal(message.target.cpu(), 3 * _tensor(message.seq, shape))
         return {"targets": [m.seq for m in received]}
 
     if rank == 1:
-        inputs = tt.TorchReceiver(0, "forward", 2, Policy.BLOCK, CPU)
-        outputs = tt.TorchSender(2, "forward", CPU)
-        to_stage0 = tt.TorchSender(0, "backward", CPU)
-        from_stage2 = tt.TorchReceiver(2, "backward", count, Policy.DROP_OLDEST, CPU)
+        inputs = tt.TorchReceiver(0, "forward", 2, Policy.BLOCK, dev)
+        outputs = tt.TorchSender(2, "forward", dev)
+        to_stage0 = tt.TorchSender(0, "backward", dev)
+        from_stage2 = tt.TorchReceiver(2, "backward", count, Policy.DROP_OLDEST, dev)
         while True:
             got = inputs.recv(timeout=WAIT_S)
             assert isinstance(got, ForwardMessage)
@@ -482,17 +574,17 @@ def _chain_rank(rank: int, count: int) -> Result:
         received = _drain(from_stage2)
         for message in received:
             assert isinstance(message, BackwardMessage)
-            assert torch.equal(message.target, 2 * _tensor(message.seq, shape) + 1)
+            assert torch.equal(message.target.cpu(), 2 * _tensor(message.seq, shape) + 1)
         assert to_stage0.close(timeout=WAIT_S)
         return {"targets": [m.seq for m in received]}
 
-    inputs = tt.TorchReceiver(1, "forward", 2, Policy.BLOCK, CPU)
-    to_stage1 = tt.TorchSender(1, "backward", CPU)
+    inputs = tt.TorchReceiver(1, "forward", 2, Policy.BLOCK, dev)
+    to_stage1 = tt.TorchSender(1, "backward", dev)
     seqs = []
     for message in _stream(inputs):
         assert isinstance(message, ForwardMessage)
-        assert torch.equal(message.activations, 2 * _tensor(message.seq, shape))
-        assert torch.equal(message.labels, _labels(message.seq, shape[0]))
+        assert torch.equal(message.activations.cpu(), 2 * _tensor(message.seq, shape))
+        assert torch.equal(message.labels.cpu(), _labels(message.seq, shape[0]))
         seqs.append(message.seq)
         if message.kind is Kind.STOP:
             assert to_stage1.close(timeout=WAIT_S)
@@ -501,10 +593,12 @@ def _chain_rank(rank: int, count: int) -> Result:
     return {"seqs": seqs}
 
 
-@pytest.mark.timeout(120)
-def test_three_stage_chain_forward_and_backward() -> None:
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("backend", ["gloo", _nccl(3)])
+def test_three_stage_chain_forward_and_backward(backend: str) -> None:
+    """The middle stage holds four edges on two communicators (one per direction)."""
     count = 12
-    stage0, stage1, stage2 = run_ranks(_chain_rank, 3, count)
+    stage0, stage1, stage2 = run_ranks(_chain_rank, 3, count, backend=backend, timeout_s=150)
     assert stage2 == {"seqs": list(range(count + 1))}  # the STOP message too
     assert stage1 == {"targets": list(range(count))}
     assert stage0 == {"targets": list(range(count))}
@@ -513,7 +607,7 @@ def test_three_stage_chain_forward_and_backward() -> None:
 # --- NCCL ----------------------------------------------------------------------------------------
 
 
-def _nccl_rank(rank: int, count: int) -> Result:
+def _nccl_rank(rank: int, count: int, backend: str) -> Result:
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
     shape = (256, 1024)
@@ -535,7 +629,8 @@ def _nccl_rank(rank: int, count: int) -> Result:
     seqs = []
     for message in _stream(inputs):
         assert isinstance(message, ForwardMessage)
-        assert message.activations.device == device and message.labels.device == device
+        # 256 labels travel in the header: they arrive on the host, the activations on the GPU.
+        assert message.activations.device == device and message.labels.device == CPU
         assert torch.equal(message.activations.cpu(), _tensor(message.seq, shape))
         assert torch.equal(message.labels.cpu(), _labels(message.seq, shape[0]))
         sender.send(BackwardMessage(message.seq, message.activations + 1), timeout=WAIT_S)
