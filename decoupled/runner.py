@@ -34,6 +34,7 @@ from decoupled.channel import (
     Sender,
 )
 from decoupled.data import TrainStream, eval_batches
+from decoupled.devices import gpu_figures
 from decoupled.methods import MethodStage, Sends
 from decoupled.schedule import Schedule
 from decoupled.stage import NonFiniteError
@@ -49,25 +50,6 @@ def resident_mb() -> float | None:
             return int(statm.read().split()[1]) * _PAGE_MB
     except OSError:
         return None
-
-
-_nvml_missing = False  # torch.cuda.utilization needs pynvml; without it, ask only once
-
-
-def gpu_figures(device: torch.device) -> dict[str, float]:
-    """Memory this process holds on ``device`` (MB, now and peak) and the device's utilisation
-    (%, over the driver's last sample period) when pynvml is installed."""
-    global _nvml_missing
-    figures = {
-        "gpu_mem_mb": torch.cuda.memory_allocated(device) / 2**20,
-        "gpu_max_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20,
-    }
-    if not _nvml_missing:
-        try:
-            figures["gpu_util"] = float(torch.cuda.utilization(device))
-        except Exception:  # ModuleNotFoundError without pynvml; NVML errors on odd drivers
-            _nvml_missing = True
-    return figures
 
 
 @dataclass

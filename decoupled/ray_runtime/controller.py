@@ -156,7 +156,7 @@ class RayJob:
         self.resources = res = plan_resources(
             k, cfg.runtime.gpus_per_stage, cfg.runtime.cpus_per_stage, gpus
         )
-        bundle = {"CPU": res.cpus, **({"GPU": res.gpus} if res.gpus else {})}
+        bundle = res.bundle()
         self.pg = placement_group([bundle] * k, strategy="PACK")
         ready, _ = ray.wait([self.pg.ready()], timeout=cfg.runtime.timeout_s)
         if not ready:

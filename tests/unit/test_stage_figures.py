@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from decoupled.data import Dataset
+from decoupled.devices import gpu_figures
 from decoupled.metrics import stage_record
-from decoupled.runner import gpu_figures
 from tests.conftest import small_config
 from tests.unit.test_runner import run_threads
 
