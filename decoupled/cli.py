@@ -27,6 +27,7 @@ from decoupled.data import DataError, load_dataset
 from decoupled.interrupt import Interrupted, StopRequest
 from decoupled.metrics import write_summary
 from decoupled.ray_runtime import submit
+from decoupled.ray_runtime.connect import ClusterUnreachable
 from decoupled.run_folder import RunFolderError, new_default, prepare
 from decoupled.stage import NonFiniteError
 
@@ -187,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail("interrupted before a checkpoint could be written", 128 + signal.SIGINT)
     except NonFiniteError as err:
         return _fail(f"training stopped: {err}", EXIT_FAILED)
+    except ClusterUnreachable as err:
+        return _fail(f"cannot join the Ray cluster: {err}", EXIT_FAILED)
     except Exception as err:
         (out_dir / "error.log").write_text(traceback.format_exc())
         return _fail(f"run failed: {err!r} (traceback in {out_dir / 'error.log'})", EXIT_FAILED)

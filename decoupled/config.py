@@ -107,7 +107,8 @@ class RuntimeConfig:
     lockstep: bool = False
     # Restarts from the last complete checkpoint after a stage dies, hangs or stops answering.
     max_failures: int = field(default=3, metadata={"min": 0})
-    # Limit for placing the stages and opening their process group.
+    # Limit for joining the cluster (runtime.address), placing the stages and opening their
+    # process group.
     timeout_s: float = field(default=600.0, metadata={"gt": 0.0})
     # A run whose last stage makes no step for this long (or a stage that does not answer a
     # poll for this long) counts as a failure.

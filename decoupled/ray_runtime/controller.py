@@ -13,8 +13,6 @@ retried: the same data would give the same NaN.
 from __future__ import annotations
 
 import logging
-import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -38,6 +36,7 @@ from decoupled.metrics import (
 )
 from decoupled.models import activation_shapes, build_stage_modules
 from decoupled.ray_runtime.actor import StageActor
+from decoupled.ray_runtime.connect import init_ray
 from decoupled.ray_runtime.plan import StageResources, choose_transport, plan_resources
 from decoupled.schedule import Schedule
 from decoupled.stage import NonFiniteError
@@ -50,20 +49,6 @@ INTERRUPT_CHECKPOINT_S = 60.0  # how long a signalled run waits for its last cut
 
 class StageFailed(RuntimeError):
     """A stage actor raised, died, or stopped making progress: worth a restart."""
-
-
-def init_ray(cfg: Config) -> bool:
-    """Join or start Ray as configured; True when this call started it (and must stop it)."""
-    if ray.is_initialized():
-        return False
-    if cfg.runtime.address:
-        ray.init(address=cfg.runtime.address, logging_level=logging.WARNING)
-        return True
-    # Logical CPUs: enough for every stage even on a small box (each actor sets its threads).
-    cpus = max(os.cpu_count() or 1, math.ceil(num_stages(cfg) * cfg.runtime.cpus_per_stage))
-    # address="local": start our own, even where another cluster is registered on this host.
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
-    return True
 
 
 def train_on_ray(
