@@ -37,6 +37,12 @@ from decoupled.metrics import (
 from decoupled.models import activation_shapes, build_stage_modules
 from decoupled.ray_runtime.actor import StageActor
 from decoupled.ray_runtime.connect import init_ray
+from decoupled.ray_runtime.placement import (
+    bundle_selectors,
+    lost_nodes,
+    node_table,
+    raylet_reachable,
+)
 from decoupled.ray_runtime.plan import StageResources, choose_transport, plan_resources
 from decoupled.schedule import Schedule
 from decoupled.stage import NonFiniteError
@@ -94,6 +100,7 @@ class RayJob:
         self.actors: list[Any] = []
         self.described: list[dict[str, Any]] = []
         self.pg: Any = None
+        self._excluded: set[str] = set()  # nodes found gone: no stage is placed there again
         # Indices of actors known dead or not answering: teardown only kills them. A call to an
         # actor whose node is gone fails only after Ray has waited for news of its death, and a
         # hung one answers nothing; each graceful step would wait out its timeout for them.
@@ -120,7 +127,8 @@ class RayJob:
             k, cfg.runtime.gpus_per_stage, cfg.runtime.cpus_per_stage, gpus
         )
         bundle = {"CPU": res.cpus, **({"GPU": res.gpus} if res.gpus else {})}
-        self.pg = placement_group([bundle] * k, strategy="PACK")
+        selectors = bundle_selectors(k, self._excluded)
+        self.pg = placement_group([bundle] * k, strategy="PACK", bundle_label_selector=selectors)
         ready, _ = ray.wait([self.pg.ready()], timeout=cfg.runtime.timeout_s)
         if not ready:
             raise StageFailed(
@@ -247,6 +255,8 @@ class RayJob:
                 "reason": reason,
             }
         )
+        stage_nodes = [d["node_id"] for d in self.described]
+        self._excluded |= lost_nodes(stage_nodes, node_table(ray.nodes()), raylet_reachable)
         self.teardown(graceful=False)
 
     def _watch(self, run_log: RunLog) -> None:
