@@ -1,4 +1,4 @@
-"""``decoupled train CONFIG [KEY=VALUE ...] [--out DIR] [--resume [DIR]]``.
+"""``decoupled train CONFIG [KEY=VALUE ...] [--out DIR] [--resume [DIR] | --overwrite]``.
 
 ``decoupled plot RUN_DIR [--out DIR]``: PNG plots of a run from its metrics.jsonl.
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +27,8 @@ from decoupled.data import DataError, load_dataset
 from decoupled.interrupt import Interrupted, StopRequest
 from decoupled.metrics import write_summary
 from decoupled.ray_runtime import submit
+from decoupled.ray_runtime.connect import ClusterUnreachable
+from decoupled.run_folder import RunFolderError, new_default, prepare
 from decoupled.stage import NonFiniteError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -47,16 +48,17 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="continue the run in DIR (default: --out) from its last complete checkpoint",
     )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="--out holds an earlier run: delete that run's files first (without this, such a "
+        "folder is refused)",
+    )
     plot = commands.add_parser("plot", help="PNG plots of a run folder's metrics.jsonl")
     plot.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder")
     plot.add_argument("--out", type=Path, help="where the PNGs go (default: RUN_DIR/plots)")
     submit.add_parser(commands)
     return parser
-
-
-def default_out_dir(cfg: Config) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{stamp}-{cfg.method.name}-k{cfg.stages}"
 
 
 def resume_point(cfg: Config, run_dir: Path) -> Cut:
@@ -136,6 +138,21 @@ def plot(run_dir: Path, out: Path | None) -> int:
     return EXIT_OK
 
 
+def _out_dir(cfg: Config, args: argparse.Namespace) -> Path:
+    """The run folder: the one to resume, a checked --out, or a new default one."""
+    if isinstance(args.resume, str):
+        return Path(args.resume)
+    if args.resume:
+        return Path(args.out)
+    try:
+        if args.out is not None:
+            prepare(args.out, overwrite=args.overwrite)
+            return Path(args.out)
+        return new_default(Path("runs"), cfg.method.name, cfg.stages)
+    except OSError as err:  # not writable, a file in the way of a parent folder
+        raise RunFolderError(f"cannot create the run folder: {err}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "plot":
@@ -148,8 +165,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"bad configuration\n{err}", EXIT_USAGE)
     if args.resume is True and args.out is None:
         return _fail("--resume needs the run folder: --resume DIR, or --out DIR", EXIT_USAGE)
-    out_dir: Path = Path(args.resume) if isinstance(args.resume, str) else args.out
-    out_dir = out_dir or default_out_dir(cfg)
+    if args.resume and args.overwrite:
+        return _fail(
+            "--resume continues the run in its folder and --overwrite deletes it: pass one",
+            EXIT_USAGE,
+        )
+    try:
+        out_dir = _out_dir(cfg, args)
+    except RunFolderError as err:
+        return _fail(str(err), EXIT_USAGE)
     stop = StopRequest()
     try:
         resume = resume_point(cfg, out_dir) if args.resume else None
@@ -167,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail("interrupted before a checkpoint could be written", 128 + signal.SIGINT)
     except NonFiniteError as err:
         return _fail(f"training stopped: {err}", EXIT_FAILED)
+    except ClusterUnreachable as err:
+        return _fail(f"cannot join the Ray cluster: {err}", EXIT_FAILED)
     except Exception as err:
         (out_dir / "error.log").write_text(traceback.format_exc())
         return _fail(f"run failed: {err!r} (traceback in {out_dir / 'error.log'})", EXIT_FAILED)

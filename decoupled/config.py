@@ -1,7 +1,9 @@
 """Experiment configuration: one dataclass per component, loaded from YAML, checked as a whole.
 
 The dataclasses are the schema. Field metadata carries what a type cannot say:
-``choices`` (allowed values), ``min``/``max`` (inclusive range), ``gt`` (strict lower bound).
+``choices`` (allowed values), ``min``/``max`` (inclusive range), ``gt`` (strict lower bound),
+``backend`` (the one ``runtime.backend`` that reads the key: any other value than its default
+with another backend is refused, since it would be silently ignored).
 ``load_config``/``parse_config`` check a raw mapping against the type hints and metadata, then
 the rules that span fields. Every problem is collected and reported at once, each with its dotted
 key path, so a user fixes a config in one round trip.
@@ -79,7 +81,7 @@ class MethodConfig:
     name: str = field(default="cdni", metadata=_choices(*METHODS))
     sg: SGConfig = field(default_factory=SGConfig)
     # In-process trainer only: steps between a target being computed and its delivery.
-    delay: int = field(default=0, metadata={"min": 0})
+    delay: int = field(default=0, metadata={"min": 0, "backend": "local"})
     # pipeline: micro-batches per batch (GPipe).
     micro_batches: int = field(default=4, metadata={"min": 1})
 
@@ -114,10 +116,11 @@ class RuntimeConfig:
     # throughput: bench/capacity.py measures both (docs/performance.md).
     channel_capacity: int = field(default=2, metadata={"min": 1})
     # Ray runtime: targets are applied in strict step order with one batch in flight.
-    lockstep: bool = False
+    lockstep: bool = field(default=False, metadata={"backend": "ray"})
     # Restarts from the last complete checkpoint after a stage dies, hangs or stops answering.
     max_failures: int = field(default=3, metadata={"min": 0})
-    # Limit for placing the stages and opening their process group.
+    # Limit for joining the cluster (runtime.address), placing the stages and opening their
+    # process group.
     timeout_s: float = field(default=600.0, metadata={"gt": 0.0})
     # A run whose last stage makes no step for this long (or a stage that does not answer a
     # poll for this long) counts as a failure.
@@ -435,6 +438,17 @@ def _cross_check(cfg: Config, found: _Found) -> None:
             if any(a >= b for a, b in itertools.pairwise(bounds)):
                 add("model.boundaries", f"must be strictly increasing, got {_show(bounds)}")
 
+    if valid("runtime.backend"):
+        for key, owner, value, default in _backend_keys(cfg):
+            if owner != cfg.runtime.backend and value != default and valid(key):
+                add(
+                    key,
+                    f"is read only by runtime.backend={owner}, and this run has "
+                    f"runtime.backend={cfg.runtime.backend}: it would be ignored "
+                    f"(got {_show(value)}; leave it at {_show(default)} or set "
+                    f"runtime.backend={owner})",
+                )
+
     gpus = cfg.runtime.gpus_per_stage
     if valid("runtime.gpus_per_stage") and (gpus != "auto" if isinstance(gpus, str) else gpus < 0):
         add("runtime.gpus_per_stage", f"must be 'auto' or a number >= 0, got {_show(gpus)}")
@@ -465,6 +479,18 @@ def _cross_check(cfg: Config, found: _Found) -> None:
                 f"{name} splits each batch into {_show(stages)} equal shards (stages), "
                 f"got {_show(batch)}",
             )
+
+
+def _backend_keys(section: Any, path: str = "") -> list[tuple[str, str, Any, Any]]:
+    """(key path, backend, value, default) of every field that one backend alone reads."""
+    found = []
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            found += _backend_keys(value, _join(path, f.name))
+        elif "backend" in f.metadata:
+            found.append((_join(path, f.name), f.metadata["backend"], value, f.default))
+    return found
 
 
 def _hints(cls: type[Any]) -> dict[str, Any]:

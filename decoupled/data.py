@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.resources
+import math
 import os
 import pickle
 import tarfile
@@ -178,7 +179,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
             f"(unsigned bytes, {ndim} dims)"
         )
     dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    size = int(np.prod(dims))
+    size = math.prod(dims)  # Python ints: four-byte dims overflow numpy's int64 product
     if len(raw) - header != size:
         raise DataError(f"{path}: dims {dims} need {size} bytes of data, found {len(raw) - header}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -41,6 +39,13 @@ from decoupled.metrics import (
 )
 from decoupled.models import activation_shapes, build_stage_modules
 from decoupled.ray_runtime.actor import StageActor
+from decoupled.ray_runtime.connect import init_ray
+from decoupled.ray_runtime.placement import (
+    bundle_selectors,
+    lost_nodes,
+    node_table,
+    raylet_reachable,
+)
 from decoupled.ray_runtime.plan import StageResources, choose_transport, plan_resources
 from decoupled.runner import ErrorKind, StagePoll
 from decoupled.schedule import Schedule
@@ -69,20 +74,6 @@ class JobState(enum.Enum):
 def after_failure(restarts: int, max_failures: int) -> JobState | None:
     """The state after a failure, or None when the job must give up."""
     return JobState.RESTARTING if restarts < max_failures else None
-
-
-def init_ray(cfg: Config) -> bool:
-    """Join or start Ray as configured; True when this call started it (and must stop it)."""
-    if ray.is_initialized():
-        return False
-    if cfg.runtime.address:
-        ray.init(address=cfg.runtime.address, logging_level=logging.WARNING)
-        return True
-    # Logical CPUs: enough for every stage even on a small box (each actor sets its threads).
-    cpus = max(os.cpu_count() or 1, math.ceil(num_stages(cfg) * cfg.runtime.cpus_per_stage))
-    # address="local": start our own, even where another cluster is registered on this host.
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
-    return True
 
 
 def train_on_ray(
@@ -131,6 +122,7 @@ class RayJob:
         self.actors: list[Any] = []
         self.described: list[dict[str, Any]] = []
         self.pg: Any = None
+        self._excluded: set[str] = set()  # nodes found gone: no stage is placed there again
         # Indices of actors known dead or not answering: teardown only kills them. A call to an
         # actor whose node is gone fails only after Ray has waited for news of its death, and a
         # hung one answers nothing; each graceful step would wait out its timeout for them.
@@ -157,7 +149,8 @@ class RayJob:
             k, cfg.runtime.gpus_per_stage, cfg.runtime.cpus_per_stage, gpus
         )
         bundle = res.bundle()
-        self.pg = placement_group([bundle] * k, strategy="PACK")
+        selectors = bundle_selectors(k, self._excluded)
+        self.pg = placement_group([bundle] * k, strategy="PACK", bundle_label_selector=selectors)
         ready, _ = ray.wait([self.pg.ready()], timeout=cfg.runtime.timeout_s)
         if not ready:
             raise StageFailed(
@@ -300,6 +293,8 @@ class RayJob:
                 "reason": reason,
             }
         )
+        stage_nodes = [d["node_id"] for d in self.described]
+        self._excluded |= lost_nodes(stage_nodes, node_table(ray.nodes()), raylet_reachable)
         self.teardown(graceful=False)
 
     def _watch(self, run_log: RunLog) -> None:

@@ -81,6 +81,12 @@ def add_parser(commands: Any) -> None:
         help="run folder on the head node: an absolute path, on shared storage to read it "
         "elsewhere (default: inside the job's temporary copy of the working directory)",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="as for `train`: --out may hold an earlier run, whose files are deleted first "
+        "(without this, the job refuses such a folder and exits with 2)",
+    )
     p.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
     p.add_argument(
         "--working-dir",
@@ -149,7 +155,9 @@ def build_runtime_env(
     return runtime_env
 
 
-def entrypoint(config: str, overrides: Sequence[str], out: str | None) -> list[str]:
+def entrypoint(
+    config: str, overrides: Sequence[str], out: str | None, overwrite: bool = False
+) -> list[str]:
     """The command the job runs on the head node.
 
     ``python -m`` rather than the ``decoupled`` script: the job's working directory comes first
@@ -160,7 +168,7 @@ def entrypoint(config: str, overrides: Sequence[str], out: str | None) -> list[s
     """
     command = ["python", "-m", "decoupled.cli", "train", config, "train.progress=false"]
     command += [*overrides, "runtime.address=auto"]
-    return command + (["--out", out] if out else [])
+    return command + (["--out", out] if out else []) + (["--overwrite"] if overwrite else [])
 
 
 def check_config(config: Path, overrides: Sequence[str], working_dir: Path) -> tuple[Config, str]:
@@ -310,6 +318,8 @@ def run(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> i
         if not working_dir.is_dir():
             raise SubmitError(f"--working-dir {working_dir}: no such folder")
         cfg, config = check_config(args.config, args.overrides, working_dir)
+        if args.overwrite and not args.out:
+            raise SubmitError("--overwrite needs --out: without it the job has a new folder")
         if args.out and not Path(args.out).is_absolute():
             raise SubmitError(
                 f"--out {args.out}: a path on the head node must be absolute (a relative one "
@@ -323,7 +333,7 @@ def run(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> i
         return _fail(str(err), EXIT_USAGE)
 
     runtime_env = build_runtime_env(working_dir, env_vars, pip)
-    command = entrypoint(config, args.overrides, args.out)
+    command = entrypoint(config, args.overrides, args.out, args.overwrite)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     submission_id = f"decoupled-{cfg.method.name}-{stamp}-{secrets.token_hex(3)}"
     if args.dry_run:

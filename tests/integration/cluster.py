@@ -43,12 +43,18 @@ class LocalCluster:
                     return arg.removeprefix("--node_id=")
         raise AssertionError(f"node {node} has no raylet with a --node_id")
 
+    def pids(self, node: int, title: str) -> list[int]:
+        """The Ray workers of ``node`` whose process title starts with ``title`` (Ray names an
+        actor's process ``ray::CLASS`` or ``ray::CLASS.METHOD``)."""
+        return [
+            pid
+            for pid in self.processes(node)
+            if (cmd := _cmdline(pid)) and cmd[0].startswith(title)
+        ]
+
     def hosts(self, node: int, title: str) -> bool:
-        """Whether ``node`` runs a Ray worker whose process title starts with ``title`` (Ray
-        names an actor's process ``ray::CLASS`` or ``ray::CLASS.METHOD``)."""
-        return any(
-            (cmd := _cmdline(pid)) and cmd[0].startswith(title) for pid in self.processes(node)
-        )
+        """Whether ``node`` runs a Ray worker whose process title starts with ``title``."""
+        return bool(self.pids(node, title))
 
     def kill_node(self, node: int) -> None:
         """SIGKILL everything of ``node`` at once, as if its machine were lost: no drain, no

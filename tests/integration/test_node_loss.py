@@ -6,13 +6,17 @@ checkpoint cut is sealed, the test SIGKILLs every process of a worker node that 
 once, place both stages again on the two nodes left, resume from the last sealed cut, and finish.
 
 Ray's health checks are left at their defaults on purpose: the GCS marks the node dead about 13 s
-after the kill, and the controller must not wait for that. Which node holds a stage is read from
+after the kill, and the controller must not wait for that: its new placement group keeps off the
+lost node explicitly, and is placed within PLACED_S of the restart being reported (the test
+watches the GCS's placement groups as a second driver). Which node holds a stage is read from
 the processes of each node's session (a Ray worker titled ``ray::StageActor...``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +35,80 @@ EVERY = 25
 # Far below every timeout that could also end the attempt (the 60 s limit on a control call,
 # runtime.stall_timeout_s): only the failure itself can have triggered the restart.
 NOTICE_S = 30.0
+PLACED_S = 3.0
+
+
+# A second driver of the cluster, in a process of its own (Ray reads the token once per
+# process): each placement group when first seen placed, as a JSON line with the time
+# (CLOCK_MONOTONIC, the same in every process) and the nodes of its bundles.
+WATCH = """
+import json, logging, sys, time
+import ray
+ray.init(address=sys.argv[1], logging_level=logging.WARNING)
+seen = set()
+with open(sys.argv[2], "a") as out:
+    while True:
+        for pg_id, pg in ray.util.placement_group_table().items():
+            if pg["state"] == "CREATED" and pg_id not in seen:
+                seen.add(pg_id)
+                nodes = sorted(set(pg["bundles_to_node_id"].values()))
+                print(json.dumps([pg_id, time.monotonic(), nodes]), file=out, flush=True)
+        time.sleep(0.05)
+"""
+
+
+# Placement with selectors from decoupled.ray_runtime.placement, in a driver of its own: the
+# node of a one-CPU bundle kept off the nodes in argv[2] (a comma-separated list).
+EXCLUDE = """
+import logging, sys
+import ray
+from ray.util.placement_group import placement_group
+from decoupled.ray_runtime.placement import bundle_selectors
+ray.init(address=sys.argv[1], logging_level=logging.WARNING)
+selectors = bundle_selectors(1, sys.argv[2].split(","))
+pg = placement_group([{"CPU": 1}], bundle_label_selector=selectors)
+ray.get(pg.ready(), timeout=60)
+print(ray.util.placement_group_table(pg)["bundles_to_node_id"][0])
+"""
+
+
+@pytest.mark.timeout(120)
+def test_bundle_selectors_keep_a_bundle_off_the_excluded_nodes(three_nodes: LocalCluster) -> None:
+    ids = [three_nodes.node_id(n) for n in range(3)]
+    for allowed in (1, 2):  # twice, so that a lucky default placement cannot pass it
+        excluded = ",".join(i for n, i in enumerate(ids) if n != allowed)
+        result = subprocess.run(
+            [sys.executable, "-c", EXCLUDE, three_nodes.address, excluded],
+            env=three_nodes.env,
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.split() == [ids[allowed]]
+
+
+class PlacementWatch:
+    """When each placement group of the cluster was placed, and on which nodes."""
+
+    def __init__(self, cluster: LocalCluster, log: Path) -> None:
+        self.log = log
+        log.touch()
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", WATCH, cluster.address, str(log)], env=cluster.env
+        )
+
+    def placed(self) -> dict[str, tuple[float, set[str]]]:
+        placed = {}
+        for line in self.log.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):  # a line being written
+                pg_id, at, nodes = json.loads(line)
+                placed[pg_id] = (at, set(nodes))
+        return placed
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +149,7 @@ def test_losing_a_worker_node_moves_its_stage_and_the_run_finishes(
     three_nodes: LocalCluster, tmp_path: Path
 ) -> None:
     cluster, out = three_nodes, tmp_path / "run"
+    watch = PlacementWatch(cluster, tmp_path / "placements.jsonl")
     started = time.monotonic()
     with open(tmp_path / "train.log", "wb") as log:
         process = subprocess.Popen(
@@ -110,6 +189,14 @@ def test_losing_a_worker_node_moves_its_stage_and_the_run_finishes(
         noticed = _wait("restart", lambda: restart() is not None, process, 120)
         event = restart()
         assert event is not None
+        noticed_at = killed + noticed
+
+        def placed_again() -> list[tuple[float, set[str]]]:
+            return sorted(p for p in watch.placed().values() if p[0] > killed)
+
+        _wait("placement after the restart", lambda: bool(placed_again()), process, 120)
+        placed_at, placed_on = placed_again()[0]
+        placed = placed_at - killed
 
         def training_again() -> bool:
             after = _records(out)
@@ -119,17 +206,22 @@ def test_losing_a_worker_node_moves_its_stage_and_the_run_finishes(
         resumed = noticed + _wait("training after the restart", training_again, process, 120)
         process.wait(timeout=180)
     finally:
+        watch.close()
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10)
     output = (tmp_path / "train.log").read_text(errors="replace")
     print(
         f"node lost after the cut at step {sealed}: restart {noticed:.1f}s after the kill, "
+        f"placed again after {placed:.1f}s, "
         f"training again after {resumed:.1f}s; the run took {time.monotonic() - started:.1f}s, "
         f"{time.monotonic() - killed:.1f}s of it after the kill"
     )
     assert process.returncode == 0, output[-4000:]
     assert noticed < NOTICE_S, output[-4000:]
+    # Placed again long before the GCS could mark the lost node dead, and not on it.
+    assert placed_at - noticed_at < PLACED_S, output[-4000:]
+    assert lost_id not in placed_on and placed_on <= alive
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == STEPS
     assert summary["restarts"] >= 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,36 @@ def test_job_places_stages_on_both_nodes(two_nodes: LocalCluster, tmp_path: Path
     assert len(summary["nodes"]) == 2
     assert len({stage["node_id"] for stage in summary["stages"]}) == 2
     assert summary["test_accuracy"] > 0.5
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("token", ["0" * 64, None])
+def test_a_cluster_that_refuses_the_token_fails_fast_with_one_line(
+    two_nodes: LocalCluster, tmp_path: Path, token: str | None
+) -> None:
+    env = {k: v for k, v in two_nodes.env.items() if not k.startswith("RAY_AUTH_")}
+    if token is not None:
+        env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    started = time.monotonic()
+    result = subprocess.run(
+        [
+            str(BIN / "decoupled"),
+            "train",
+            str(DIGITS_CONFIG),
+            f"runtime.address={two_nodes.address}",
+            "runtime.timeout_s=10",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    elapsed = time.monotonic() - started
+    assert result.returncode == 1, result.stderr[-3000:]
+    # Ray alone retried for 20 s with a warning a second; the margin is imports on a shared box.
+    assert elapsed < 10 + 20, elapsed
+    (line,) = result.stderr.strip().splitlines()
+    assert f"the Ray cluster at {two_nodes.address}" in line
+    assert "refused this client's token" in line and "RAY_AUTH_TOKEN" in line

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import yaml
 
+from decoupled import run_folder
 from decoupled.cli import main
 from tests.conftest import DIGITS_CONFIG
 
@@ -125,3 +128,74 @@ def test_non_finite_loss_stops_the_run_with_exit_1(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "non-finite" in result.stderr and "Traceback" not in result.stderr
+
+
+def _train(out: Path, *overrides: str, flags: tuple[str, ...] = ()) -> int:
+    return main(["train", str(DIGITS_CONFIG), *SHORT, *overrides, "--out", str(out), *flags])
+
+
+def test_a_folder_holding_a_run_is_refused_and_overwrite_replaces_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "a"
+    assert _train(out, "train.steps=20", "checkpoint.every=10") == 0
+    summary = (out / "summary.json").read_text()
+    metrics = (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+
+    assert _train(out, "train.steps=10") == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} already holds a run" in err
+    assert "metrics.jsonl" in err and "summary.json" in err
+    assert "checkpoints/ (cuts at steps 10, 20)" in err
+    assert f"--resume {out}" in err and "new --out" in err and "--overwrite" in err
+    assert "Traceback" not in err
+    # Nothing of the first run was touched.
+    assert (out / "summary.json").read_text() == summary
+    assert (out / "metrics.jsonl").read_text() == metrics
+
+    (out / "notes.txt").write_text("mine")
+    assert _train(out, "train.steps=10", "checkpoint.every=10", flags=("--overwrite",)) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 10
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000010"]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 10  # the old run's records are gone, not appended to
+    assert (out / "notes.txt").read_text() == "mine"  # files that are not the run's stay
+
+
+def test_overwrite_with_resume_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "a"
+    assert _train(out, flags=("--resume", "--overwrite")) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_folder_with_only_a_config_is_not_a_run(tmp_path: Path) -> None:
+    # What a run that stopped before its first step (missing data, no cluster) leaves behind.
+    out = tmp_path / "a"
+    out.mkdir()
+    (out / "config.yaml").write_text("seed: 0\n")
+    (out / "checkpoints").mkdir()
+    assert _train(out, "train.steps=5") == 0
+
+
+def test_default_run_folders_never_collide(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    # Two runs in the same second: the clock is pinned so that they are.
+    monkeypatch.setattr(time, "strftime", lambda _: "20260101-000000")
+    for _ in range(2):
+        assert main(["train", str(DIGITS_CONFIG), *SHORT, "train.steps=5"]) == 0
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs == ["20260101-000000-cdni-k3", "20260101-000000-cdni-k3-2"]
+    assert all((tmp_path / "runs" / name / "summary.json").is_file() for name in runs)
+    assert capsys.readouterr().out.count("run folder: runs/20260101-000000-cdni-k3") == 2
+
+
+def test_default_folders_made_at_once_from_threads_are_all_distinct(tmp_path: Path) -> None:
+    with ThreadPoolExecutor(8) as pool:
+        made = list(pool.map(lambda _: run_folder.new_default(tmp_path, "dni", 2), range(32)))
+    assert len(set(made)) == 32 and all(p.is_dir() for p in made)

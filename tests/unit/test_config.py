@@ -129,6 +129,15 @@ def test_invalid_date_is_a_config_error(tmp_path: Path) -> None:
         load_config(write(tmp_path, "data:\n  root: 2024-13-45\n"))
 
 
+def test_a_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("optim:\n  name: adam  # réglé\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    (problem,) = info.value.problems
+    assert problem.startswith(f"{path}: cannot read config file") and "utf-8" in problem
+
+
 def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
     path = write(tmp_path, "- seed\n- stages\n")
     with pytest.raises(ConfigError, match="top level must be a mapping") as info:
@@ -173,6 +182,8 @@ def test_dotted_key_in_yaml_says_to_nest_it() -> None:
         ("model: {boundaries: [1, x]}", "model.boundaries[1]", "expected an integer, got 'x'"),
         ("runtime: {gpus_per_stage: [1]}", "runtime.gpus_per_stage", "a number or a string"),
         ("data: 5", "data", "expected a mapping of keys, got 5"),
+        ("data: [mnist, 64]", "data", "expected a mapping of keys, got ['mnist', 64]"),
+        ("method: {sg: [1, 2]}", "method.sg", "expected a mapping of keys, got [1, 2]"),
     ],
 )
 def test_wrong_type(tmp_path: Path, text: str, key: str, expected: str) -> None:
@@ -350,6 +361,25 @@ def test_bad_splits(stages: int, model: dict[str, Any], expected: str) -> None:
 def test_backprop_allows_any_stage_count() -> None:
     cfg = parse_config({"stages": 8, "model": {"layers": 2}, "method": {"name": "backprop"}})
     assert cfg.stages == 8
+
+
+@pytest.mark.parametrize(
+    ("raw", "key", "owner"),
+    [
+        ({"runtime": {"backend": "ray"}, "method": {"delay": 2}}, "method.delay", "local"),
+        ({"runtime": {"backend": "local", "lockstep": True}}, "runtime.lockstep", "ray"),
+    ],
+)
+def test_a_key_of_the_other_backend_is_refused(raw: dict[str, Any], key: str, owner: str) -> None:
+    (problem,) = problems_of(raw)
+    assert problem.startswith(f"{key}: is read only by runtime.backend={owner}")
+
+
+def test_keys_of_the_other_backend_at_their_defaults_are_fine() -> None:
+    parse_config({"runtime": {"backend": "ray"}, "method": {"delay": 0}})
+    parse_config({"runtime": {"backend": "local", "lockstep": False}})
+    assert parse_config({}, ["runtime.backend=local", "method.delay=3"]).method.delay == 3
+    assert parse_config({}, ["runtime.lockstep=true"]).runtime.lockstep  # ray by default
 
 
 def test_pipeline_needs_a_micro_batch_per_sample() -> None:

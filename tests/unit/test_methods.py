@@ -48,7 +48,9 @@ def test_lockstep_loop_equals_the_in_process_trainer(digits: Dataset, method: st
     """The same method objects, driven by K stage loops on threads over bounded channels in
     lockstep or by the in-process trainer, end with the same state."""
     common = [f"method.name={method}", "stages=3", "train.steps=12", "method.micro_batches=2"]
-    runners = run_threads(small_config([*common, "runtime.lockstep=true"]), digits)
+    # The runner is the Ray backend's stage loop, run here on threads.
+    ray_cfg = small_config([*common, "runtime.backend=ray", "runtime.lockstep=true"])
+    runners = run_threads(ray_cfg, digits)
     local = LocalTrainer(small_config(common), digits)
     local.run()
     assert len(runners) == len(local.stages)

@@ -73,7 +73,8 @@ def test_probe_changes_nothing_it_measures(digits: Dataset) -> None:
 def test_stage_loop_probe_gradient_is_autograds(digits: Dataset) -> None:
     """Through the actors' loop over bounded channels (as on Ray), in lockstep."""
     runners = run_threads(
-        small_config(["method.name=cdni", *PROBE, "runtime.lockstep=true"]), digits
+        small_config(["method.name=cdni", *PROBE, "runtime.backend=ray", "runtime.lockstep=true"]),
+        digits,
     )
     _check([r.stage for r in runners], digits)
     assert runners[0].poll().figures["sg_true_cosine"] is not None

@@ -74,7 +74,9 @@ def _params(stages: list[Any]) -> list[torch.Tensor]:
 @pytest.mark.parametrize("method", ["dni", "cdni"])
 def test_lockstep_threads_reproduce_the_local_trainer(digits: Dataset, method: str) -> None:
     common = [f"method.name={method}", "stages=3", "train.steps=25", "train.eval_every=10"]
-    runners = run_threads(small_config([*common, "runtime.lockstep=true"]), digits)
+    # The runner is the Ray backend's stage loop, run here on threads.
+    ray_cfg = small_config([*common, "runtime.backend=ray", "runtime.lockstep=true"])
+    runners = run_threads(ray_cfg, digits)
     local = LocalTrainer(small_config([*common, "method.delay=0"]), digits)
     local.run()
     for a, b in zip(_params([r.stage for r in runners]), _params(local.stages), strict=True):

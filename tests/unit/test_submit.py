@@ -54,6 +54,13 @@ def test_dry_run_is_the_ray_job_submit_command(capsys: pytest.CaptureFixture[str
     assert "pip" not in runtime_env  # the image has the dependencies
 
 
+def test_overwrite_travels_to_the_job(capsys: pytest.CaptureFixture[str]) -> None:
+    # Without it the job's `train` refuses an --out that holds a run (exit 2, which submit
+    # passes on); with it the job deletes that run first.
+    argv, _ = _dry_run(capsys, "configs/digits.yaml", "--out", "/shared/runs/a", "--overwrite")
+    assert argv[-3:] == ["--out", "/shared/runs/a", "--overwrite"]
+
+
 def test_the_config_path_is_given_relative_to_the_working_dir(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -85,6 +92,7 @@ def test_pip_pins_the_projects_dependencies_but_not_ray(
         (["configs/digits.yaml", "--out", "runs/x"], "--out runs/x: a path on the head node"),
         (["configs/digits.yaml", "--env", "RAY_AUTH_TOKEN=x"], "Ray's credentials stay"),
         (["configs/digits.yaml", "--env", "NOVALUE"], "expected KEY=VALUE"),
+        (["configs/digits.yaml", "--overwrite"], "--overwrite needs --out"),
     ],
 )
 def test_a_bad_submission_exits_2_before_contacting_the_cluster(
