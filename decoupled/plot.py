@@ -231,11 +231,18 @@ def _memory(ax: Axes, data: RunData) -> None:
 
 
 def _cosine(ax: Axes, data: RunData) -> None:
+    """Against the (mostly bootstrapped) target, solid; against the exact gradient of the loss
+    from the probe, dashed with markers: the second says how good the gradient really is."""
     for s in data.stages:
-        _line(ax, data.series(f"stage{s}/sg_cosine"), label=f"stage {s}", color=data.colors[s])
+        color = data.colors[s]
+        _line(ax, data.series(f"stage{s}/sg_cosine"), label=f"stage {s} target", color=color)
+        exact = data.series(f"stage{s}/sg_true_cosine")
+        _line(ax, exact, "o--", ms=3, label=f"stage {s} exact", color=color)
     if ax.has_data():
         ax.axhline(0, color="0.5", lw=0.8)
-    _labels(ax, "Synthetic gradient vs its target: cosine", "samples", "cosine")
+    _labels(
+        ax, "Synthetic gradient vs target (-) and exact gradient (--): cosine", "samples", "cosine"
+    )
 
 
 def _sg_loss(ax: Axes, data: RunData) -> None:
