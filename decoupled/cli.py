@@ -13,6 +13,7 @@ written first).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import signal
 import sys
 import traceback
@@ -23,6 +24,7 @@ from typing import Any
 from decoupled.build import num_stages
 from decoupled.checkpoint import CheckpointError, Cut, check_compatible, latest_cut
 from decoupled.config import Config, ConfigError, config_to_dict, load_config, save_config
+from decoupled.config_doc import describe
 from decoupled.data import DataError, load_dataset
 from decoupled.interrupt import Interrupted, StopRequest
 from decoupled.metrics import write_summary
@@ -34,8 +36,25 @@ from decoupled.stage import NonFiniteError
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+DESCRIPTION = "Train neural networks with decoupled neural interfaces, one Ray actor per stage."
+EPILOG = """commands:
+  decoupled train CONFIG [KEY=VALUE ...] [--out DIR] [--resume [DIR] | --overwrite]
+  decoupled train CONFIG [KEY=VALUE ...] --print-config   every key, its default and meaning
+  decoupled plot RUN_DIR [--out DIR]
+  decoupled submit CONFIG [KEY=VALUE ...] [--address URL] [--no-wait]
+
+exit codes: 0 success; 1 the run failed; 2 bad configuration, arguments, data files or
+checkpoint; 130 interrupted by Ctrl-C, 143 by SIGTERM (a checkpoint is written first)"""
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="decoupled", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="decoupled",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"decoupled {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a model from a YAML experiment")
     train.add_argument("config", type=Path, help="YAML experiment, e.g. configs/digits.yaml")
@@ -49,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
         help="continue the run in DIR (default: --out) from its last complete checkpoint",
     )
     train.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved configuration (every key, its default where it differs, what "
+        "it means and its allowed values) and exit without training",
+    )
+    train.add_argument(
         "--overwrite",
         action="store_true",
         help="--out holds an earlier run: delete that run's files first (without this, such a "
@@ -59,6 +84,13 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", type=Path, help="where the PNGs go (default: RUN_DIR/plots)")
     submit.add_parser(commands)
     return parser
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("decoupled")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown"
 
 
 def resume_point(cfg: Config, run_dir: Path) -> Cut:
@@ -163,6 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         return _fail(f"bad configuration\n{err}", EXIT_USAGE)
+    if args.print_config:
+        print(describe(cfg), end="")
+        return EXIT_OK
     if args.resume is True and args.out is None:
         return _fail("--resume needs the run folder: --resume DIR, or --out DIR", EXIT_USAGE)
     if args.resume and args.overwrite:

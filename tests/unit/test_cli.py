@@ -14,6 +14,7 @@ import yaml
 
 from decoupled import run_folder
 from decoupled.cli import main
+from decoupled.config import config_to_dict, load_config
 from tests.conftest import DIGITS_CONFIG
 
 SHORT = ["train.steps=30", "train.progress=false", "runtime.backend=local"]
@@ -199,3 +200,38 @@ def test_default_folders_made_at_once_from_threads_are_all_distinct(tmp_path: Pa
     with ThreadPoolExecutor(8) as pool:
         made = list(pool.map(lambda _: run_folder.new_default(tmp_path, "dni", 2), range(32)))
     assert len(set(made)) == 32 and all(p.is_dir() for p in made)
+
+
+def test_version_and_a_help_without_markup(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == "decoupled 0.1.0"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "``" not in text and "--print-config" in text and "exit codes" in text
+
+
+def test_print_config_shows_every_key_its_default_and_meaning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            "train",
+            str(DIGITS_CONFIG),
+            "optim.lr=0.01",
+            "--print-config",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
+    assert code == 0
+    assert not (tmp_path / "run").exists()  # nothing trained, no folder made
+    text = capsys.readouterr().out
+    printed = yaml.safe_load(text)
+    assert printed == config_to_dict(load_config(DIGITS_CONFIG, ["optim.lr=0.01"]))
+    lines = {line.split(":")[0].strip(): line for line in text.splitlines()}
+    assert "default 0.001" in lines["lr"]  # differs from its default: the default is shown
+    assert "one of backprop, pipeline, dni, cdni" in text  # method.name's allowed values
+    assert "Train the synthesizer on the target of every n-th step" in lines["train_every"]
