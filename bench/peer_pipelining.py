@@ -42,11 +42,11 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from decoupled.balance import balanced
-from decoupled.build import build_optimizer
 from decoupled.config import Config, config_to_dict, parse_config
 from decoupled.data import Dataset, TrainStream, load_dataset
 from decoupled.local import LocalTrainer
 from decoupled.models import build_stage_modules
+from decoupled.optim import build_optimizer
 from decoupled.ray_runtime.transport_torch import (
     close_process_group,
     free_port,

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
-from torch import nn
 
-from decoupled.config import Config, OptimConfig
+from decoupled.config import Config
 from decoupled.methods import MethodStage, StageContext, method_for
 from decoupled.models import activation_shapes, build_stage_modules
+from decoupled.optim import StageOptimizer, build_optimizer
 from decoupled.stage import Stage
-
-
-def build_optimizer(params: Iterable[nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def num_stages(cfg: Config) -> int:
@@ -45,7 +37,8 @@ def build_stage(
     shapes = activation_shapes(modules, input_shape)
     part = 0 if method.replicas else index
     module = modules[part]
-    stage = Stage(index, k, module, build_optimizer(module.parameters(), cfg.optim), device)
+    optimizer = StageOptimizer(build_optimizer(module.parameters(), cfg.optim, index), cfg.optim)
+    stage = Stage(index, k, module, optimizer, device)
     return method.build_stage(stage, StageContext(shapes[part], num_classes, cfg.seed))
 
 

@@ -87,11 +87,33 @@ class MethodConfig:
 
 
 @dataclass
+class StageOptimConfig:
+    # The stage (0-based) these settings are for.
+    stage: int = field(default=0, metadata={"min": 0})
+    # Its learning rate and weight decay instead of optim.lr / optim.weight_decay (null: those).
+    lr: float | None = field(default=None, metadata={"gt": 0.0})
+    weight_decay: float | None = field(default=None, metadata={"min": 0.0})
+
+
+@dataclass
 class OptimConfig:
-    name: str = field(default="adam", metadata=_choices("adam", "sgd"))
+    # adamw: Adam with decoupled weight decay (Loshchilov & Hutter).
+    name: str = field(default="adam", metadata=_choices("adam", "adamw", "sgd"))
     lr: float = field(default=1e-3, metadata={"gt": 0.0})
     momentum: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0})
     weight_decay: float = field(default=0.0, metadata={"min": 0.0})
+    # Learning rate over the run after the warm-up: constant, or a cosine decay to min_lr_ratio.
+    schedule: str = field(default="constant", metadata=_choices("constant", "cosine"))
+    # Updates over which the learning rate rises linearly to its value (0: none).
+    warmup_steps: int = field(default=0, metadata={"min": 0})
+    # The cosine's floor, as a fraction of the learning rate.
+    min_lr_ratio: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
+    # Clip each stage's gradient norm to this before its update (0: no clipping).
+    clip_norm: float = field(default=0.0, metadata={"min": 0.0})
+    # Backward passes (batches, or GPipe steps) whose averaged gradients make one update.
+    accumulate: int = field(default=1, metadata={"min": 1})
+    # Per-stage learning rate / weight decay, e.g. [{stage: 0, lr: 3e-4}].
+    per_stage: list[StageOptimConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -463,6 +485,15 @@ def _cross_check(cfg: Config, found: _Found) -> None:
             "data.batch_size",
             f"must be >= method.micro_batches ({_show(micro)}) for pipeline, got {_show(batch)}",
         )
+
+    seen: set[int] = set()
+    for i, override in enumerate(cfg.optim.per_stage):
+        key = f"optim.per_stage[{i}].stage"
+        if valid(key, "stages") and override.stage >= stages:
+            add(key, f"must be below stages ({_show(stages)}), got {_show(override.stage)}")
+        elif override.stage in seen:
+            add(key, f"stage {override.stage} has settings already in an earlier entry")
+        seen.add(override.stage)
 
     if valid("method.name") and cfg.method.name in REPLICA_METHODS:
         name = cfg.method.name

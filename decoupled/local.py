@@ -75,6 +75,8 @@ class LocalTrainer:
         self.schedule = Schedule.from_config(
             cfg.train, self.stream.steps_per_epoch, cfg.checkpoint.every
         )
+        for stage in self.stages:
+            stage.stage.optimizer.set_total(self.schedule.total_steps)
         method = method_for(cfg)
         self.micro_batches = method.micro_batches()
         self.probe_every = method.probe_every()

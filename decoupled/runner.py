@@ -270,6 +270,7 @@ class StageRunner:
         """Handle a STOP, EVAL or CHECKPOINT message; True when the loop must end (STOP)."""
         if message.kind is Kind.STOP:
             self._send_forward(message)
+            self._finish_probe()
             return True
         if message.kind is Kind.EVAL:
             self._evaluate(message)
@@ -297,6 +298,18 @@ class StageRunner:
             sends = self.stage.backward(message.seq, message.target)
         if sends.backward is not None and self.backward_out is not None:
             self.backward_out.send(BackwardMessage(message.seq, sends.backward, message.kind))
+
+    def _finish_probe(self) -> None:
+        """At the end: the exact gradient of a probe still in flight is on its way back
+        (the stages after this one handle the probe before the STOP behind it)."""
+        deadline = time.monotonic() + self.settings.send_timeout_s
+        while self.stage.probe_pending and self.backward_in is not None:
+            message = self.backward_in.recv(timeout=POLL_S)
+            if message is not None:
+                assert isinstance(message, BackwardMessage)
+                self._on_backward(message)
+            elif self._stop.is_set() or time.monotonic() > deadline:
+                return
 
     def _probe(self, message: ForwardMessage) -> None:
         """A probe batch: on with the graph kept; the exact gradient comes back through

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from decoupled.optim import StageOptimizer
+
 
 class NonFiniteError(RuntimeError):
     """A loss, activation or synthetic gradient became NaN or infinite."""
@@ -151,7 +153,7 @@ class Stage:
         index: int,
         num_stages: int,
         module: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: StageOptimizer,
         device: torch.device | str = "cpu",
     ) -> None:
         self.index = index
@@ -191,6 +193,11 @@ class Stage:
         self.stats._correct += correct
         self.stats._seen += labels.shape[0]
         return loss, correct
+
+    def update(self) -> None:
+        """After a backward pass: the optimizer's step (every ``optim.accumulate`` passes, with
+        the schedule's learning rate and clipping); the gradients start from zero after it."""
+        self.optimizer.update()
 
     @staticmethod
     def input_gradient(x: torch.Tensor) -> torch.Tensor | None:

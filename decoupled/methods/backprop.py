@@ -20,11 +20,10 @@ class LossStage(MethodStage):
     def forward(self, seq: int, x: torch.Tensor, labels: torch.Tensor) -> Sends:
         start = time.perf_counter()
         stage = self.stage
-        stage.optimizer.zero_grad(set_to_none=True)
         x, logits = stage.forward(x)
         loss, _ = stage.loss(logits, labels, seq)
         torch.autograd.backward(loss)
-        stage.optimizer.step()
+        stage.update()
         stage.count(x.shape[0], start)
         return Sends(backward=stage.input_gradient(x))
 

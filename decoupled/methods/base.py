@@ -141,6 +141,11 @@ class MethodStage(ABC):
             return Sends()
         return Sends(backward=torch.autograd.grad(h, x, grad)[0])
 
+    @property
+    def probe_pending(self) -> bool:
+        """A probe went on and its exact gradient has not come back yet."""
+        return self._probe is not None
+
     def predicted_gradient(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
         """The gradient of h (B, ...) this stage would update with now (methods with synthetic
         gradients), for the probe to compare with the exact one; None: nothing to compare."""

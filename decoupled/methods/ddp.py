@@ -55,11 +55,10 @@ class ReplicaStage(MethodStage):
         shard = x.shape[0] // self.replicas
         rows = slice(stage.index * shard, (stage.index + 1) * shard)
         x, labels = x[rows].to(stage.device, non_blocking=True), labels[rows]
-        stage.optimizer.zero_grad(set_to_none=True)
         stage.module.train()
         loss, _ = stage.loss(self._ddp(x), labels, seq)
         torch.autograd.backward(loss)  # DDP averages the gradients over the replicas here
-        stage.optimizer.step()
+        stage.update()
         stage.count(x.shape[0], start)
         return Sends()
 

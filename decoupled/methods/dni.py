@@ -53,14 +53,13 @@ class SynthesizerStage(MethodStage):
         stage = self.stage
         self._last_seq = seq
         labels = labels.to(stage.device, non_blocking=True)
-        stage.optimizer.zero_grad(set_to_none=True)
         x, h = stage.forward(x)
         check_finite(h.detach(), "activation", stage.index, seq)
         with torch.no_grad():
             prediction = self.synthesizer(h.detach(), labels)
         check_finite(prediction, "synthetic gradient", stage.index, seq)
         torch.autograd.backward(h, self.scale * prediction if self.scale != 1.0 else prediction)
-        stage.optimizer.step()
+        stage.update()
         if seq % self.train_every == 0:  # only the steps whose target trains M are kept
             self.history.put(seq, h.detach(), labels)
         target = stage.input_gradient(x)

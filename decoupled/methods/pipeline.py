@@ -50,8 +50,7 @@ class PipelineStage(MethodStage):
 
     def end_step(self) -> None:
         start = time.perf_counter()
-        self.stage.optimizer.step()
-        self.stage.optimizer.zero_grad(set_to_none=True)
+        self.stage.update()
         self.stage.count(0, start)
 
     def held(self) -> int:

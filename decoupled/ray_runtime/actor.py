@@ -133,8 +133,10 @@ class StageActor:
             # One stage sends the test set through: stage 0 of a chain, the last replica.
             if self.index == (self.num_stages - 1 if self.replicas else 0):
                 test = (dataset.test_x, dataset.test_y, cfg.data.eval_batch_size)
+        schedule = Schedule.from_config(cfg.train, steps_per_epoch, cfg.checkpoint.every)
+        self.stage.stage.optimizer.set_total(schedule.total_steps)
         settings = RunnerSettings(
-            schedule=Schedule.from_config(cfg.train, steps_per_epoch, cfg.checkpoint.every),
+            schedule=schedule,
             micro_batches=self.micro_batches,
             probe_every=self.probe_every,
             lockstep=cfg.runtime.lockstep,

@@ -6,10 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from decoupled.config import SGConfig
+from decoupled.config import OptimConfig, SGConfig
 from decoupled.methods.dni import SynthesizerStage
+from decoupled.optim import StageOptimizer
 from decoupled.stage import Stage
 from decoupled.synthesizer import ConvSynthesizer, MLPSynthesizer, build_synthesizer
+
+OPTIM = OptimConfig()
 
 
 def test_zero_initialised_output_and_shapes() -> None:
@@ -36,7 +39,8 @@ def _fit_quadratic(conditioned: bool, steps: int = 1500) -> float:
     module = nn.Linear(dim, dim)
     sg = MLPSynthesizer((dim,), classes if conditioned else None, hidden_layers=0, hidden=1)
     stage = SynthesizerStage(
-        Stage(0, 2, module, torch.optim.SGD(module.parameters(), lr=0.0)),  # frozen: data fixed
+        # A frozen stage (lr 0): the data the synthesizer sees stays fixed.
+        Stage(0, 2, module, StageOptimizer(torch.optim.SGD(module.parameters(), lr=0.0), OPTIM)),
         sg,
         torch.optim.Adam(sg.parameters(), lr=1e-2),
         history=4,
