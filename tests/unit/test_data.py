@@ -199,6 +199,7 @@ def test_download_failure_is_a_data_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
 ) -> None:
     monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setenv("PATH", str(tmp_path / "no-clients"))  # nor a package registry's client
     with pytest.raises(DataError, match=r"download of http.* failed .*unreachable"):
         load_dataset(cfg(name, tmp_path, download=True))
     assert not list(tmp_path.rglob("*.part"))
