@@ -21,16 +21,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from decoupled.build import num_stages
-from decoupled.checkpoint import CheckpointError, Cut, check_compatible, latest_cut
-from decoupled.config import Config, ConfigError, config_to_dict, load_config, save_config
+from decoupled import api
+from decoupled.checkpoint import CheckpointError
+from decoupled.config import ConfigError
 from decoupled.config_doc import describe
-from decoupled.data import DataError, load_dataset
+from decoupled.data import DataError
 from decoupled.interrupt import Interrupted, StopRequest
-from decoupled.metrics import write_summary
 from decoupled.ray_runtime import submit
 from decoupled.ray_runtime.connect import ClusterUnreachable
-from decoupled.run_folder import RunFolderError, new_default, prepare
+from decoupled.run_folder import RunFolderError
 from decoupled.stage import NonFiniteError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -93,37 +92,6 @@ def _version() -> str:
         return "unknown"
 
 
-def resume_point(cfg: Config, run_dir: Path) -> Cut:
-    """The last complete cut in ``run_dir``, checked against ``cfg``."""
-    cut = latest_cut(run_dir / "checkpoints")
-    if cut is None:
-        raise CheckpointError(f"no complete checkpoint in {run_dir / 'checkpoints'} to resume")
-    config = config_to_dict(cfg)
-    if cfg.model.boundaries == "auto":  # the split measured for the run is the resumed run's
-        config["model"]["boundaries"] = cut.config["model"]["boundaries"]
-    check_compatible(cut, config, num_stages(cfg))
-    return cut
-
-
-def run_training(
-    cfg: Config, out_dir: Path, resume: Cut | None = None, stop: StopRequest | None = None
-) -> dict[str, Any]:
-    """Train as configured, writing everything into ``out_dir``; returns the summary."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
-    dataset = load_dataset(cfg.data)
-    if cfg.runtime.backend == "local":
-        from decoupled.local import LocalTrainer
-
-        summary = LocalTrainer(cfg, dataset, out_dir, resume=resume, stop=stop).run()
-    else:
-        from decoupled.ray_runtime.controller import train_on_ray
-
-        summary = train_on_ray(cfg, dataset, out_dir, resume=resume, stop=stop)
-    write_summary(summary, out_dir)
-    return summary
-
-
 def format_summary(summary: dict[str, Any]) -> str:
     def fmt(value: Any, spec: str) -> str:
         return "-" if value is None else format(value, spec)
@@ -170,21 +138,6 @@ def plot(run_dir: Path, out: Path | None) -> int:
     return EXIT_OK
 
 
-def _out_dir(cfg: Config, args: argparse.Namespace) -> Path:
-    """The run folder: the one to resume, a checked --out, or a new default one."""
-    if isinstance(args.resume, str):
-        return Path(args.resume)
-    if args.resume:
-        return Path(args.out)
-    try:
-        if args.out is not None:
-            prepare(args.out, overwrite=args.overwrite)
-            return Path(args.out)
-        return new_default(Path("runs"), cfg.method.name, cfg.stages)
-    except OSError as err:  # not writable, a file in the way of a parent folder
-        raise RunFolderError(f"cannot create the run folder: {err}") from None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "plot":
@@ -192,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "submit":
         return submit.run(args)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = api.load(args.config, args.overrides)
     except ConfigError as err:
         return _fail(f"bad configuration\n{err}", EXIT_USAGE)
     if args.print_config:
@@ -206,14 +159,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             EXIT_USAGE,
         )
     try:
-        out_dir = _out_dir(cfg, args)
+        out_dir = api.run_folder(cfg, args.out, args.resume, args.overwrite)
     except RunFolderError as err:
         return _fail(str(err), EXIT_USAGE)
     stop = StopRequest()
     try:
-        resume = resume_point(cfg, out_dir) if args.resume else None
         with stop.installed():
-            summary = run_training(cfg, out_dir, resume, stop)
+            summary = api.train(cfg, out=out_dir, resume=bool(args.resume), stop=stop)
     except DataError as err:
         return _fail(f"data: {err}", EXIT_USAGE)
     except ConfigError as err:

@@ -58,7 +58,8 @@ class TeacherConfig:
 
 @dataclass
 class DataConfig:
-    name: str = field(default="digits", metadata=_choices(*DATASETS))
+    # A built-in dataset, or "module:function" returning yours (decoupled/factories.py).
+    name: str = field(default="digits", metadata={**_choices(*DATASETS), "factory": True})
     root: str = "data"
     batch_size: int = field(default=64, metadata={"min": 1})
     eval_batch_size: int = field(default=512, metadata={"min": 1})
@@ -68,7 +69,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = field(default="fcn", metadata=_choices(*MODELS))
+    # A built-in model, or "module:function" returning your blocks (decoupled/factories.py).
+    name: str = field(default="fcn", metadata={**_choices(*MODELS), "factory": True})
     # fcn: number of linear layers including the output layer (the paper's "layers").
     # cnn: number of 5x5 conv blocks before the linear classifier.
     # resnet: residual blocks in each of the three residual stages (ResNet-(6n+2); 3 = ResNet-20).
@@ -433,8 +435,10 @@ def _check_metadata(value: Any, meta: Mapping[str, Any], path: str, found: _Foun
     if value is None:
         return
     choices = meta.get("choices")
-    if choices is not None and value not in choices:
-        found.append((path, f"must be one of: {', '.join(choices)}; got {_show(value)}"))
+    user_code = meta.get("factory") and ":" in value
+    if choices is not None and value not in choices and not user_code:
+        also = " or 'module:function' (your own code)" if meta.get("factory") else ""
+        found.append((path, f"must be one of: {', '.join(choices)}{also}; got {_show(value)}"))
     if "min" in meta and value < meta["min"]:
         found.append((path, f"must be >= {_num(meta['min'])}, got {_show(value)}"))
     if "max" in meta and value > meta["max"]:
@@ -453,7 +457,8 @@ def _cross_check(cfg: Config, found: _Found) -> None:
         found.append((key, problem))
 
     model, stages = cfg.model, cfg.stages
-    if valid("model.name", "model.layers", "stages"):
+    # A user's model has as many blocks as its factory returns: checked when it is built.
+    if valid("model.name", "model.layers", "stages") and ":" not in model.name:
         blocks = block_count(model)
         head = {
             "cnn": " (conv blocks + classifier head)",

@@ -64,7 +64,8 @@ def _section(obj: Any, defaults: Any, indent: int) -> list[str]:
             notes.append(comments[name])
         choices = f.metadata.get("choices")
         if choices:
-            notes.append(f"one of {', '.join(choices)}")
+            also = " or module:function" if f.metadata.get("factory") else ""
+            notes.append(f"one of {', '.join(choices)}{also}")
         note = f"  # {'; '.join(notes)}" if notes else ""
         out.append(f"{pad}{name}: {_yaml_value(value)}{note}")
     return out

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from decoupled.config import DATASETS, DataConfig
+from decoupled.config import DATASETS, ConfigError, DataConfig
+from decoupled.factories import is_factory, load_factory
 from decoupled.fetch import IDX_FILES, SOURCES, FetchError, fetch
 from decoupled.teacher import generate_teacher
 
@@ -65,6 +66,8 @@ DOWNLOAD_TIMEOUT_S = 30.0
 def load_dataset(cfg: DataConfig) -> Dataset:
     """Load ``cfg.name`` from ``cfg.root`` (downloading first if asked and needed), standardised."""
     num_classes = 10
+    if is_factory(cfg.name):
+        return user_dataset(cfg)
     if cfg.name == "digits":
         splits = _load_digits()
     elif cfg.name in IDX_DATASETS:
@@ -94,6 +97,26 @@ def load_dataset(cfg: DataConfig) -> Dataset:
 
 
 Splits = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def user_dataset(cfg: DataConfig) -> Dataset:
+    """``data.name: "module:function"``: what the user's function returns, as it is (no
+    standardisation: their data, their preprocessing), checked for shapes and labels."""
+    made = load_factory(cfg.name, "data.name")(cfg)
+    if isinstance(made, Dataset):
+        return made
+    if not (isinstance(made, tuple | list) and len(made) == 4):
+        raise ConfigError(
+            f"data.name: {cfg.name} must return a Dataset or (train_x, train_y, test_x, test_y), "
+            f"got {type(made).__name__}"
+        )
+    train_x, train_y, test_x, test_y = (torch.as_tensor(t) for t in made)
+    if len(train_x) != len(train_y) or len(test_x) != len(test_y):
+        raise ConfigError(f"data.name: {cfg.name} returned a split whose x and y differ in length")
+    if train_y.dtype != torch.int64 or test_y.dtype != torch.int64:
+        raise ConfigError(f"data.name: {cfg.name} must return int64 class labels")
+    classes = int(max(int(train_y.max()), int(test_y.max()))) + 1
+    return Dataset(cfg.name, train_x.float(), train_y, test_x.float(), test_y, classes)
 
 
 def _images(a: np.ndarray) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from decoupled.config import ConfigError, ModelConfig
+from decoupled.factories import is_factory, load_factory
 
 
 def fcn_blocks(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> list[nn.Module]:
@@ -121,6 +122,8 @@ def build_blocks(
     building a model leaves the caller's RNG state as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if is_factory(cfg.name):
+            return user_blocks(cfg, input_shape, num_classes)
         if cfg.name == "fcn":
             return fcn_blocks(cfg, input_shape, num_classes)
         if cfg.name == "cnn":
@@ -138,6 +141,38 @@ def even_boundaries(num_blocks: int, stages: int) -> list[int]:
         edge += size + (1 if k < extra else 0)
         boundaries.append(edge)
     return boundaries
+
+
+def user_blocks(
+    cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
+) -> list[nn.Module]:
+    """``model.name: "module:function"``: the blocks the user's function returns, checked to be
+    modules that chain on the input (a dry run names the two blocks that do not fit)."""
+    made = load_factory(cfg.name, "model.name")(cfg, input_shape, num_classes)
+    blocks = list(made) if isinstance(made, list | tuple | nn.ModuleList) else None
+    if not blocks or not all(isinstance(b, nn.Module) for b in blocks):
+        raise ConfigError(
+            f"model.name: {cfg.name} must return a non-empty list of nn.Module blocks, "
+            f"got {type(made).__name__}"
+        )
+    x = torch.zeros(2, *input_shape)
+    with torch.no_grad():
+        for k, block in enumerate(blocks):
+            was_training = block.training
+            block.eval()
+            try:
+                x = block(x)
+            except Exception as err:
+                source = (
+                    "the input" if k == 0 else f"block {k - 1} ({type(blocks[k - 1]).__name__})"
+                )
+                raise ConfigError(
+                    f"model.name: block {k} ({type(block).__name__}) cannot take the output of "
+                    f"{source}, shape {tuple(x.shape[1:])}: {err}"
+                ) from None
+            finally:
+                block.train(was_training)
+    return blocks
 
 
 def stage_ranges(

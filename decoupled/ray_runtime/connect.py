@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 from decoupled.build import num_stages
 from decoupled.config import Config, ConfigError
+from decoupled.factories import code_paths
 
 CHECK = "check runtime.address (the head's GCS, HOST:PORT; `ray start --head` prints it), that "
 CHECK += "the head is running and the port open, and RAY_AUTH_TOKEN (the cluster's token)"
@@ -37,14 +38,26 @@ def init_ray(cfg: Config) -> bool:
 
     if ray.is_initialized():
         return False
+    # The user's model or data code (model.name / data.name "module:function") goes with the
+    # job to every node; an installed package is already there.
+    modules = code_paths([cfg.model.name, cfg.data.name])
+    runtime_env = {"py_modules": modules} if modules else None
     if cfg.runtime.address:
         check_cluster(cfg.runtime.address, cfg.runtime.timeout_s)
-        ray.init(address=cfg.runtime.address, logging_level=logging.WARNING)
+        ray.init(
+            address=cfg.runtime.address, runtime_env=runtime_env, logging_level=logging.WARNING
+        )
         return True
     # Logical CPUs: enough for every stage even on a small box (each actor sets its threads).
     cpus = max(os.cpu_count() or 1, math.ceil(num_stages(cfg) * cfg.runtime.cpus_per_stage))
     # address="local": start our own, even where another cluster is registered on this host.
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(
+        address="local",
+        num_cpus=cpus,
+        include_dashboard=False,
+        runtime_env=runtime_env,
+        logging_level=logging.WARNING,
+    )
     return True
 
 

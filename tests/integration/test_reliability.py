@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import torch
 
+from decoupled.api import run_training
 from decoupled.checkpoint import latest_cut, load_stage
-from decoupled.cli import run_training
 from decoupled.data import Dataset
 from decoupled.local import LocalTrainer
 from decoupled.ray_runtime.controller import RayJob

@@ -17,9 +17,28 @@ from tests.integration.cluster import BIN, LocalCluster
 pytestmark = pytest.mark.integration
 
 
+USER_MODEL = """
+from torch import nn
+
+
+def blocks(cfg, input_shape, num_classes):
+    return [
+        nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU()),
+        nn.Sequential(nn.Linear(128, 128), nn.ReLU()),
+        nn.Linear(128, num_classes),
+    ]
+"""
+
+
 @pytest.mark.timeout(300)
 def test_job_places_stages_on_both_nodes(two_nodes: LocalCluster, tmp_path: Path) -> None:
+    """The model is the user's, in a file outside the package that only the driver can import:
+    Ray ships it to the actors on both nodes."""
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "my_model.py").write_text(USER_MODEL)
     out = tmp_path / "run"
+    env = two_nodes.env | {"PYTHONPATH": f"{code}:{two_nodes.env.get('PYTHONPATH', '')}"}
     result = subprocess.run(
         [
             str(BIN / "decoupled"),
@@ -27,13 +46,14 @@ def test_job_places_stages_on_both_nodes(two_nodes: LocalCluster, tmp_path: Path
             str(DIGITS_CONFIG),
             "stages=2",
             "train.steps=60",
+            "model.name=my_model:blocks",
             f"runtime.address={two_nodes.address}",
             "runtime.timeout_s=120",
             "train.progress=false",
             "--out",
             str(out),
         ],
-        env=two_nodes.env,
+        env=env,
         capture_output=True,
         text=True,
         timeout=240,
