@@ -586,18 +586,6 @@ class TorchSender:
         finally:
             self._lock.release()
 
-    def flush(self, timeout: float | None = None) -> None:
-        """Wait until the receiver reported every posted message delivered (TimeoutError,
-        ChannelClosed as send)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if not self._lock.acquire(timeout=-1 if timeout is None else max(timeout, 0.0)):
-            raise TimeoutError(f"another send to rank {self.peer} held the sender for {timeout}s")
-        try:
-            self._settle(0, deadline)
-            self._await_reports(lambda: self._delivered >= self._posted, "delivery", deadline)
-        finally:
-            self._lock.release()
-
     def close(self, timeout: float | None = 10.0) -> bool:
         """Send end-of-stream after what is in flight; True if the receiver reported every
         message and the end-of-stream delivered.
