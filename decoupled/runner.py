@@ -40,6 +40,7 @@ from decoupled.schedule import Schedule
 from decoupled.stage import NonFiniteError
 
 POLL_S = 0.05  # how long a blocked receive waits before re-checking the stop flag
+PROBE_WAIT_S = 10.0  # how long a finished stage waits for its last probe's exact gradient
 _PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20 if hasattr(os, "sysconf") else 0.0
 
 
@@ -301,8 +302,9 @@ class StageRunner:
 
     def _finish_probe(self) -> None:
         """At the end: the exact gradient of a probe still in flight is on its way back
-        (the stages after this one handle the probe before the STOP behind it)."""
-        deadline = time.monotonic() + self.settings.send_timeout_s
+        (the stages after this one handle the probe before the STOP behind it). A full
+        backward channel may have dropped it, like any target: the wait is short."""
+        deadline = time.monotonic() + min(self.settings.send_timeout_s, PROBE_WAIT_S)
         while self.stage.probe_pending and self.backward_in is not None:
             message = self.backward_in.recv(timeout=POLL_S)
             if message is not None:
