@@ -9,6 +9,7 @@ the weights a one-stage backprop run starts from.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -155,23 +156,12 @@ def user_blocks(
             f"model.name: {cfg.name} must return a non-empty list of nn.Module blocks, "
             f"got {type(made).__name__}"
         )
-    x = torch.zeros(2, *input_shape)
-    with torch.no_grad():
-        for k, block in enumerate(blocks):
-            was_training = block.training
-            block.eval()
-            try:
-                x = block(x)
-            except Exception as err:
-                source = (
-                    "the input" if k == 0 else f"block {k - 1} ({type(blocks[k - 1]).__name__})"
-                )
-                raise ConfigError(
-                    f"model.name: block {k} ({type(block).__name__}) cannot take the output of "
-                    f"{source}, shape {tuple(x.shape[1:])}: {err}"
-                ) from None
-            finally:
-                block.train(was_training)
+    output_shapes(
+        blocks,
+        input_shape,
+        lambda k: f"model.name: block {k} ({type(blocks[k]).__name__})",
+        lambda k: f"the output of block {k} ({type(blocks[k]).__name__})",
+    )
     return blocks
 
 
@@ -216,20 +206,34 @@ def activation_shapes(
 
     A block that does not accept its predecessor's output fails here, at setup, naming the stage.
     """
+    return output_shapes(
+        modules, input_shape, lambda k: f"stage {k}", lambda k: f"the output of stage {k}"
+    )
+
+
+def output_shapes(
+    parts: Sequence[nn.Module],
+    input_shape: tuple[int, ...],
+    name: Callable[[int], str],
+    output: Callable[[int], str],
+) -> list[tuple[int, ...]]:
+    """Per-sample output shape of each part in turn, by a dry run (inference mode, a batch of
+    two); a part that cannot take what comes before it is a ConfigError naming both, as
+    ``name(k)`` and ``output(k - 1)``."""
     shapes: list[tuple[int, ...]] = []
     x = torch.zeros(2, *input_shape)
     with torch.no_grad():
-        for k, module in enumerate(modules):
-            was_training = module.training
-            module.eval()
+        for k, part in enumerate(parts):
+            was_training = part.training
+            part.eval()
             try:
-                x = module(x)
-            except RuntimeError as err:
-                source = "the input" if k == 0 else f"the output of stage {k - 1}"
+                x = part(x)
+            except Exception as err:
+                source = "the input" if k == 0 else output(k - 1)
                 raise ConfigError(
-                    f"stage {k} cannot take {source} (shape {tuple(x.shape[1:])}): {err}"
-                ) from err
+                    f"{name(k)} cannot take {source} (shape {tuple(x.shape[1:])}): {err}"
+                ) from None
             finally:
-                module.train(was_training)
+                part.train(was_training)
             shapes.append(tuple(x.shape[1:]))
     return shapes
