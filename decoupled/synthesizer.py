@@ -5,15 +5,17 @@ stage's output h_i, so the stage can update without waiting for the stages after
 layer is zero-initialised: before it has seen a single target it predicts exactly zero, so
 training starts as "no update" rather than as noise (Jaderberg et al. 2016, section 3).
 
-cDNI conditions the prediction on the label through a label embedding of its own, added to the
-first layer's pre-activation (per channel for a conv synthesizer). The label is one categorical
-input, so its embedding is initialised as a layer of fan-in 1 would be, U(-1, 1): independent
-of the activation's width and of the number of classes. Appending the one-hot label to the
-activation instead (the earlier design) gave the label columns the init of a layer of fan-in
-``features + classes``, 16x smaller for 256 features, and the label hardly conditioned the
-prediction early in training (issue 13). When the first layer is the output layer (a linear
-synthesizer) the label term is a per-class offset of the gradient and starts at zero like the
-rest of that layer.
+cDNI conditions the prediction on the label through a label projection of its own (an
+embedding, the same as a bias-free linear layer on the one-hot label), added to the first
+layer's pre-activation (per channel for a conv synthesizer). It is initialised as
+``nn.Linear(classes, width)`` would be, U(±1/sqrt(classes)): independent of the activation's
+width. Appending the one-hot label to the activation instead (the earlier design) gave the label
+columns the init of a layer of fan-in ``features + classes``, 5x smaller for 256 features and
+10 classes, and the label hardly conditioned the prediction early in training (issue 13;
+``bench/peer_dni.py`` measures both, and a fan-in-1 init, U(±1), which did worse). When the
+first layer is the output layer (a linear synthesizer) the label term is a per-class offset of
+the gradient and starts at zero like the rest of that layer: with zero weights either way, the
+two designs are then the same model, and Adam's steps do not depend on the init's scale.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ class Synthesizer(nn.Module):
         if hidden_layers == 0:
             nn.init.zeros_(self.label.weight)  # part of the output layer: "no update" at first
         else:
-            nn.init.uniform_(self.label.weight, -1.0, 1.0)  # a layer of fan-in 1
+            bound = 1.0 / math.sqrt(self.num_classes)
+            nn.init.uniform_(self.label.weight, -bound, bound)
 
     def _label_term(self, labels: torch.Tensor | None) -> torch.Tensor:
         """(B, width): the embedding of each sample's label."""

@@ -112,7 +112,7 @@ def _fit_label_target(shape: tuple[int, ...], conditioned: bool, hidden: int, st
 def test_label_conditions_the_mlp_synthesizer_from_the_start() -> None:
     # 256 features and a 1024-unit hidden layer, as after each hidden layer of the 4-layer FCN.
     # The label enters through an embedding of its own; appended to the 256 activations, its
-    # weights started ~16x smaller and the same 50 steps reached a cosine of only ~0.5.
+    # weights started ~5x smaller and the same 50 steps reached a cosine of only ~0.5.
     assert _fit_label_target((256,), conditioned=True, hidden=1024, steps=50) > 0.95
     assert _fit_label_target((256,), conditioned=False, hidden=1024, steps=50) < 0.5
 
