@@ -5,8 +5,17 @@ stage's output h_i, so the stage can update without waiting for the stages after
 layer is zero-initialised: before it has seen a single target it predicts exactly zero, so
 training starts as "no update" rather than as noise (Jaderberg et al. 2016, section 3).
 
-cDNI conditions the prediction on the label: the one-hot label is appended to the input of an
-MLP synthesizer, or stacked as constant planes onto the feature map of a conv synthesizer.
+cDNI conditions the prediction on the label through a label projection of its own (an
+embedding, the same as a bias-free linear layer on the one-hot label), added to the first
+layer's pre-activation (per channel for a conv synthesizer). It is initialised as
+``nn.Linear(classes, width)`` would be, U(±1/sqrt(classes)): independent of the activation's
+width. Appending the one-hot label to the activation instead (the earlier design) gave the label
+columns the init of a layer of fan-in ``features + classes``, 5x smaller for 256 features and
+10 classes, and the label hardly conditioned the prediction early in training (issue 13;
+``bench/peer_dni.py`` measures both, and a fan-in-1 init, U(±1), which did worse). When the
+first layer is the output layer (a linear synthesizer) the label term is a per-class offset of
+the gradient and starts at zero like the rest of that layer: with zero weights either way, the
+two designs are then the same model, and Adam's steps do not depend on the init's scale.
 """
 
 from __future__ import annotations
@@ -15,7 +24,6 @@ import math
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from decoupled.config import SGConfig
@@ -29,8 +37,9 @@ class Synthesizer(nn.Module):
     def __init__(self, activation_shape: tuple[int, ...], num_classes: int | None) -> None:
         super().__init__()
         self.activation_shape = activation_shape
-        # None: plain DNI; an int: cDNI, conditioned on one-hot labels of that many classes.
+        # None: plain DNI; an int: cDNI, conditioned on labels of that many classes.
         self.num_classes = num_classes
+        self.label: nn.Embedding | None = None
 
     @property
     def conditioned(self) -> bool:
@@ -43,10 +52,36 @@ class Synthesizer(nn.Module):
         assert isinstance(layer, nn.Linear | nn.Conv2d)
         return layer
 
-    def _one_hot(self, labels: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        if labels is None or self.num_classes is None:
+    def _init_label(self, hidden_layers: int) -> None:
+        """The label embedding (classes, width of the first layer's output), for cDNI."""
+        if self.num_classes is None:
+            return
+        first = self.net[0]
+        assert isinstance(first, nn.Linear | nn.Conv2d)
+        width = first.weight.shape[0]
+        self.label = nn.Embedding(self.num_classes, width)
+        if hidden_layers == 0:
+            nn.init.zeros_(self.label.weight)  # part of the output layer: "no update" at first
+        else:
+            bound = 1.0 / math.sqrt(self.num_classes)
+            nn.init.uniform_(self.label.weight, -bound, bound)
+
+    def _label_term(self, labels: torch.Tensor | None) -> torch.Tensor:
+        """(B, width): the embedding of each sample's label."""
+        if labels is None or self.label is None:
             raise ValueError("a label-conditioned synthesizer needs the labels")
-        return F.one_hot(labels, self.num_classes).to(dtype)
+        out: torch.Tensor = self.label(labels)
+        return out
+
+    def _forward(self, z: torch.Tensor, labels: torch.Tensor | None, spatial: bool) -> torch.Tensor:
+        """The stack on input z, the label term (broadcast over H, W if ``spatial``) added to
+        the first layer's pre-activation."""
+        z = self.net[0](z)
+        if self.conditioned:
+            term = self._label_term(labels)
+            z = z + (term[:, :, None, None] if spatial else term)
+        out: torch.Tensor = self.net[1:](z)
+        return out
 
 
 def _stack(
@@ -70,7 +105,7 @@ def _stack(
 
 
 class MLPSynthesizer(Synthesizer):
-    """Flattens h, appends the one-hot label for cDNI, 0..n hidden ReLU layers, linear output."""
+    """Flattens h, 0..n hidden ReLU layers, linear output; a label embedding for cDNI."""
 
     def __init__(
         self,
@@ -81,15 +116,11 @@ class MLPSynthesizer(Synthesizer):
     ) -> None:
         super().__init__(activation_shape, num_classes)
         features = math.prod(activation_shape)
-        width = features + (num_classes or 0)
-        self.net = _stack(nn.Linear, width, features, hidden_layers, hidden)
+        self.net = _stack(nn.Linear, features, features, hidden_layers, hidden)
+        self._init_label(hidden_layers)
 
     def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        z = h.flatten(1)
-        if self.conditioned:
-            z = torch.cat([z, self._one_hot(labels, z.dtype)], dim=1)
-        out: torch.Tensor = self.net(z)
-        return out.view_as(h)
+        return self._forward(h.flatten(1), labels, spatial=False).view_as(h)
 
 
 def _conv5x5(in_channels: int, out_channels: int) -> nn.Conv2d:
@@ -97,7 +128,8 @@ def _conv5x5(in_channels: int, out_channels: int) -> nn.Conv2d:
 
 
 class ConvSynthesizer(Synthesizer):
-    """5x5 'same' convolutions over the feature map (B, C, H, W); label planes appended for cDNI."""
+    """5x5 'same' convolutions over the feature map (B, C, H, W); for cDNI a label embedding
+    added to the first convolution's channels at every position."""
 
     def __init__(
         self,
@@ -108,16 +140,11 @@ class ConvSynthesizer(Synthesizer):
     ) -> None:
         super().__init__(activation_shape, num_classes)
         channels = activation_shape[0]
-        width = channels + (num_classes or 0)
-        self.net = _stack(_conv5x5, width, channels, hidden_layers, hidden)
+        self.net = _stack(_conv5x5, channels, channels, hidden_layers, hidden)
+        self._init_label(hidden_layers)
 
     def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        z = h
-        if self.conditioned:
-            planes = self._one_hot(labels, h.dtype)[:, :, None, None]
-            z = torch.cat([z, planes.expand(-1, -1, h.shape[2], h.shape[3])], dim=1)
-        out: torch.Tensor = self.net(z)
-        return out
+        return self._forward(h, labels, spatial=True)
 
 
 def build_synthesizer(
