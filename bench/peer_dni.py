@@ -62,6 +62,7 @@ from torch import nn
 from decoupled.config import Config, DataConfig, load_config
 from decoupled.data import DataError, Dataset, TrainStream, eval_batches, load_dataset
 from decoupled.local import LocalTrainer
+from decoupled.methods.dni import SynthesizerStage
 from decoupled.models import build_blocks
 from decoupled.synthesizer import Synthesizer
 
@@ -184,8 +185,8 @@ class _ConcatSynthesizer(Synthesizer):
 def apply_variant(trainer: LocalTrainer, variant: str, cfg: Config) -> None:
     """Change the project's synthesizers after they are built (same seeds, same model)."""
     for index, stage in enumerate(trainer.stages[:-1]):
+        assert isinstance(stage, SynthesizerStage)
         sg = stage.synthesizer
-        assert sg is not None
         features = math.prod(sg.activation_shape)
         if variant == "concat":
             torch.manual_seed(cfg.seed + 1000 + index)
