@@ -29,7 +29,7 @@ from decoupled.config import (
     parse_config,
     save_config,
 )
-from decoupled.data import load_dataset
+from decoupled.data import dataset_info, load_dataset
 from decoupled.interrupt import StopRequest
 from decoupled.metrics import write_summary
 from decoupled.run_folder import RunFolderError, new_default, prepare
@@ -107,15 +107,17 @@ def run_training(
     """Train as configured, writing everything into ``out_dir``; returns the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
-    dataset = load_dataset(cfg.data)
     if cfg.runtime.backend == "local":
         from decoupled.local import LocalTrainer
 
-        summary = LocalTrainer(cfg, dataset, out_dir, resume=resume, stop=stop).run()
+        trainer = LocalTrainer(cfg, load_dataset(cfg.data), out_dir, resume=resume, stop=stop)
+        summary = trainer.run()
     else:
         from decoupled.ray_runtime.controller import train_on_ray
 
-        summary = train_on_ray(cfg, dataset, out_dir, resume=resume, stop=stop)
+        # The driver checks the files and reads the shapes; stage 0 loads the samples.
+        info = dataset_info(cfg.data)
+        summary = train_on_ray(cfg, info, out_dir, resume=resume, stop=stop)
     write_summary(summary, out_dir)
     return summary
 

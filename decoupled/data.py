@@ -63,6 +63,48 @@ CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 DOWNLOAD_TIMEOUT_S = 30.0
 
 
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the set-up of a run needs to know of a dataset, without its samples."""
+
+    name: str
+    input_shape: tuple[int, ...]  # one sample's
+    num_classes: int
+    train_size: int
+    test_size: int
+
+
+def describe(dataset: Dataset) -> DatasetInfo:
+    return DatasetInfo(
+        dataset.name,
+        dataset.input_shape,
+        dataset.num_classes,
+        len(dataset.train_y),
+        len(dataset.test_y),
+    )
+
+
+def dataset_info(cfg: DataConfig) -> DatasetInfo:
+    """``cfg``'s dataset described, and its files checked, without loading its samples where
+    the format allows (the IDX files: headers and sizes); otherwise loaded and described.
+    The Ray driver uses it: stage 0 loads the samples on its own node."""
+    if cfg.name not in IDX_DATASETS or cfg.download:
+        return describe(load_dataset(cfg))
+    root = Path(cfg.root)
+    sizes: dict[str, list[int]] = {}
+    for key, base in IDX_FILES.items():
+        found = _find_idx(cfg.name, root, base)
+        if found is None:
+            raise _missing(base + "[.gz]", _idx_dirs(cfg.name, root), cfg.name)
+        sizes[key] = idx_dims(found, ndim=3 if key.endswith("_x") else 1)
+    for split in ("train", "test"):
+        images, labels = sizes[f"{split}_x"][0], sizes[f"{split}_y"][0]
+        if images != labels:
+            raise DataError(f"the {split} split of {cfg.name} has {images} images, {labels} labels")
+    _, rows, cols = sizes["train_x"]
+    return DatasetInfo(cfg.name, (1, rows, cols), 10, sizes["train_y"][0], sizes["test_y"][0])
+
+
 def load_dataset(cfg: DataConfig) -> Dataset:
     """Load ``cfg.name`` from ``cfg.root`` (downloading first if asked and needed), standardised."""
     num_classes = 10
@@ -217,6 +259,32 @@ def _load_idx_dataset(name: str, root: Path, download: bool) -> Splits:
             raise DataError(f"{x_path} has {len(x)} images but {y_path} has {len(y)} labels")
         out += [_images(x), _labels(y, y_path, len(y))]
     return out[0], out[1], out[2], out[3]
+
+
+def idx_dims(path: Path, ndim: int) -> list[int]:
+    """An unsigned-byte IDX file's dims, from its header, and its size checked against them
+    (a .gz by the uncompressed size in its trailer) without reading its body."""
+    header = 4 + 4 * ndim
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                raw = f.read(header)
+            with open(path, "rb") as f:
+                f.seek(-4, os.SEEK_END)
+                body = int.from_bytes(f.read(4), "little") - header  # ISIZE: size mod 2**32
+        else:
+            with open(path, "rb") as f:
+                raw = f.read(header)
+            body = path.stat().st_size - header
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from e
+    if len(raw) < header or int.from_bytes(raw[:4], "big") != 0x0800 | ndim:
+        raise DataError(f"{path}: not an IDX file of unsigned bytes with {ndim} dims")
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    size = math.prod(dims)
+    if body % 2**32 != size % 2**32:
+        raise DataError(f"{path}: dims {dims} need {size} bytes of data, found {body}")
+    return dims
 
 
 def read_idx(path: Path, ndim: int) -> np.ndarray:

@@ -26,8 +26,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from decoupled.balance import balanced, summary_figures
 from decoupled.build import num_stages
 from decoupled.checkpoint import Cut, commit_cut, latest_cut
-from decoupled.config import Config, config_to_dict
-from decoupled.data import Dataset, TrainStream
+from decoupled.config import Config, ConfigError, config_to_dict
+from decoupled.data import Dataset, DatasetInfo, describe
 from decoupled.interrupt import Interrupted, StopRequest
 from decoupled.methods import method_for
 from decoupled.metrics import (
@@ -78,7 +78,7 @@ def after_failure(restarts: int, max_failures: int) -> JobState | None:
 
 def train_on_ray(
     cfg: Config,
-    dataset: Dataset,
+    dataset: Dataset | DatasetInfo,
     out_dir: Path | None,
     resume: Cut | None = None,
     stop: StopRequest | None = None,
@@ -97,22 +97,25 @@ class RayJob:
     def __init__(
         self,
         cfg: Config,
-        dataset: Dataset,
+        dataset: Dataset | DatasetInfo,
         out_dir: Path | None = None,
         resume: Cut | None = None,
         stop: StopRequest | None = None,
     ) -> None:
-        self.cfg, self.balance = balanced(
-            cfg, dataset.input_shape, dataset.num_classes, resume=resume
-        )
+        # The driver needs the data's shape and size only: stage 0 reads the samples.
+        info = dataset if isinstance(dataset, DatasetInfo) else describe(dataset)
+        self.cfg, self.balance = balanced(cfg, info.input_shape, info.num_classes, resume=resume)
         cfg = self.cfg
         self.k = num_stages(cfg)
-        self.steps_per_epoch = TrainStream(
-            dataset.train_x, dataset.train_y, cfg.data.batch_size, cfg.seed
-        ).steps_per_epoch
-        self.num_test = int(dataset.test_y.shape[0])
-        self.input_shape = dataset.input_shape
-        self.num_classes = dataset.num_classes
+        if not 1 <= cfg.data.batch_size <= info.train_size:
+            raise ConfigError(
+                f"data.batch_size: must be at most the train set's {info.train_size} samples, "
+                f"got {cfg.data.batch_size}"
+            )
+        self.steps_per_epoch = info.train_size // cfg.data.batch_size
+        self.num_test = info.test_size
+        self.input_shape = info.input_shape
+        self.num_classes = info.num_classes
         self.schedule = Schedule.from_config(cfg.train, self.steps_per_epoch, cfg.checkpoint.every)
         self.checkpoints = out_dir / "checkpoints" if out_dir is not None else None
         self.resume = resume

@@ -16,7 +16,14 @@ import pytest
 import torch
 
 from decoupled.config import DataConfig
-from decoupled.data import DataError, TrainStream, eval_batches, load_dataset
+from decoupled.data import (
+    DataError,
+    TrainStream,
+    dataset_info,
+    describe,
+    eval_batches,
+    load_dataset,
+)
 
 IDX_NAMES = {
     "train_x": "train-images-idx3-ubyte",
@@ -300,3 +307,17 @@ def test_eval_batches_cover_every_sample_in_order(batch_size: int) -> None:
     assert all(len(bx) == len(by) for bx, by in batches)
     assert torch.equal(torch.cat([by for _, by in batches]), y)
     assert torch.equal(torch.cat([bx for bx, _ in batches]), x)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_dataset_info_reads_headers_only_and_checks_sizes(tmp_path: Path, gz: bool) -> None:
+    make_mnist(tmp_path, gz)
+    info = dataset_info(cfg("mnist", tmp_path))
+    assert info == describe(load_dataset(cfg("mnist", tmp_path)))
+    assert (info.input_shape, info.train_size, info.test_size) == ((1, 28, 28), 12, 5)
+    # A body cut short is found without reading it (a .gz by the size in its trailer).
+    name = IDX_NAMES["train_x"] + (".gz" if gz else "")
+    images = np.zeros((12, 28, 28), dtype=np.uint8)
+    write_idx(tmp_path / name, idx_bytes(images)[:-100])
+    with pytest.raises(DataError, match=r"need 9408 bytes of data, found 9308"):
+        dataset_info(cfg("mnist", tmp_path))
