@@ -74,6 +74,12 @@ def run_training(
     """Train as configured, writing everything into ``out_dir``; returns the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
+    if cfg.model.name == "lstm":
+        from decoupled.recurrent.trainer import run_recurrent
+
+        summary = run_recurrent(cfg, out_dir)
+        write_summary(summary, out_dir)
+        return summary
     dataset = load_dataset(cfg.data)
     if cfg.runtime.backend == "local":
         from decoupled.local import LocalTrainer
@@ -109,6 +115,14 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{fmt(s.get('sg_loss'), '.2e'):>9} {fmt(s.get('sg_cosine'), '.3f'):>7} "
             f"{fmt(s.get('staleness_mean'), '.1f'):>6} {fmt(s.get('staleness_p90'), '.0f'):>4} "
             f"{dropped:>8}"
+        )
+    if summary.get("bptt") is not None:  # a recurrent run (decoupled/recurrent/)
+        solved, bpc = summary.get("longest_solved"), summary.get("test_bpc")
+        lines.insert(
+            2,
+            f"truncation T={summary['bptt']}"
+            + (f", longest length solved {solved}" if solved is not None else "")
+            + (f", held-out {bpc:.3f} bits/char" if bpc is not None else ""),
         )
     wandb = summary.get("wandb")
     if wandb:

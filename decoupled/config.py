@@ -15,7 +15,7 @@ import difflib
 import itertools
 import math
 import reprlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import UnionType
@@ -25,6 +25,9 @@ import yaml
 
 METHODS = ("backprop", "pipeline", "dni", "cdni")
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
+# Sequence tasks of the recurrent model (decoupled/recurrent/).
+RECURRENT_DATASETS = ("copy", "repeat_copy", "charlm")
+RECURRENT_METHODS = ("backprop", "dni")
 
 
 def _choices(*values: str) -> dict[str, Any]:
@@ -33,7 +36,7 @@ def _choices(*values: str) -> dict[str, Any]:
 
 @dataclass
 class DataConfig:
-    name: str = field(default="digits", metadata=_choices(*DATASETS))
+    name: str = field(default="digits", metadata=_choices(*DATASETS, *RECURRENT_DATASETS))
     root: str = "data"
     batch_size: int = field(default=64, metadata={"min": 1})
     eval_batch_size: int = field(default=512, metadata={"min": 1})
@@ -42,14 +45,16 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = field(default="fcn", metadata=_choices("fcn", "cnn"))
+    name: str = field(default="fcn", metadata=_choices("fcn", "cnn", "lstm"))
     # fcn: number of linear layers including the output layer (the paper's "layers").
-    # cnn: number of 5x5 conv blocks before the linear classifier.
+    # cnn: number of 5x5 conv blocks before the linear classifier. lstm: stacked LSTM layers.
     layers: int = field(default=3, metadata={"min": 1})
     hidden: int = field(default=256, metadata={"min": 1})
     batch_norm: bool = True
     # Block index where each stage after the first begins; empty means split as evenly as possible.
     boundaries: list[int] = field(default_factory=list)
+    # lstm: truncation T, the steps of one segment of truncated BPTT.
+    bptt: int = field(default=8, metadata={"min": 1})
 
 
 @dataclass
@@ -135,6 +140,25 @@ class CheckpointConfig:
 
 
 @dataclass
+class RecurrentConfig:
+    """Sequence tasks of the lstm model (decoupled/recurrent/)."""
+
+    # copy, repeat_copy: the curriculum starts at this length and raises it by one whenever the
+    # error (bits per written character, over the last `window` batches) is below `threshold`.
+    start_length: int = field(default=1, metadata={"min": 1})
+    max_length: int = field(default=1000, metadata={"min": 1})
+    threshold: float = field(default=0.15, metadata={"gt": 0.0})
+    window: int = field(default=10, metadata={"min": 1})
+    alphabet: int = field(default=8, metadata={"min": 2})
+    # repeat_copy: each batch copies its characters R times, R drawn from 1..repeats.
+    repeats: int = field(default=2, metadata={"min": 1})
+    # dni: the auxiliary task of predicting the synthetic gradient T steps ahead; 0 = off.
+    aux_weight: float = field(default=0.0, metadata={"min": 0.0})
+    # charlm: held-out characters scored for bits per character (0 = the whole held-out split).
+    eval_chars: int = field(default=100_000, metadata={"min": 0})
+
+
+@dataclass
 class Config:
     # numpy's legacy seeding accepts only 0 .. 2**32 - 1.
     seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
@@ -147,6 +171,7 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    recurrent: RecurrentConfig = field(default_factory=RecurrentConfig)
 
 
 # --- loading and validation -------------------------------------------------------------------
@@ -196,6 +221,8 @@ def block_count(model: ModelConfig) -> int:
         return model.layers
     if model.name == "cnn":
         return model.layers + 1  # the conv blocks, then the linear classifier head
+    if model.name == "lstm":
+        return 1  # one core; recurrent models are not split into stages yet
     raise ValueError(f"unknown model {model.name!r}")
 
 
@@ -387,7 +414,9 @@ def _cross_check(cfg: Config, found: _Found) -> None:
         found.append((key, problem))
 
     model, stages = cfg.model, cfg.stages
-    if valid("model.name", "model.layers", "stages"):
+    if valid("model.name", "data.name", "method.name", "runtime.backend", "stages"):
+        _check_recurrent(cfg, add)
+    if valid("model.name", "model.layers", "stages") and model.name != "lstm":
         blocks = block_count(model)
         head = " (conv blocks + classifier head)" if model.name == "cnn" else ""
         layers, n = _show(model.layers), _show(blocks)
@@ -426,6 +455,31 @@ def _cross_check(cfg: Config, found: _Found) -> None:
             "data.batch_size",
             f"must be >= method.micro_batches ({_show(micro)}) for pipeline, got {_show(batch)}",
         )
+
+
+def _check_recurrent(cfg: Config, add: Callable[[str, str], None]) -> None:
+    """The lstm model and the sequence tasks go together, on one local stage, for now."""
+    recurrent_data = cfg.data.name in RECURRENT_DATASETS
+    if cfg.model.name != "lstm":
+        if recurrent_data:
+            add("data.name", f"{cfg.data.name!r} is a sequence task: it needs model.name=lstm")
+        return
+    if not recurrent_data:
+        add("data.name", f"model.name=lstm needs one of: {', '.join(RECURRENT_DATASETS)}")
+    if cfg.method.name not in RECURRENT_METHODS:
+        add(
+            "method.name",
+            "model.name=lstm supports backprop (truncated BPTT) and dni (synthetic gradients "
+            f"at the truncation boundaries), got {cfg.method.name!r}",
+        )
+    if cfg.runtime.backend != "local":
+        add(
+            "runtime.backend",
+            "model.name=lstm runs with runtime.backend=local only (recurrent models on Ray "
+            "actors are not built yet)",
+        )
+    if cfg.stages != 1:
+        add("stages", f"model.name=lstm runs as one stage: set stages=1, got {cfg.stages}")
 
 
 def _hints(cls: type[Any]) -> dict[str, Any]:
