@@ -301,3 +301,31 @@ def test_text_streams_are_contiguous_columns() -> None:
     codes = text.encode("abcdefghij")
     assert text.streams(codes, 2)[:, 1].tolist() == list(b"fghij")
     assert copy.copy(text.encode("é")).tolist() == [ord("?")]
+
+
+def test_auxiliary_task_trains_the_core_but_leaves_the_target_alone() -> None:
+    x, y, mask = _sequence(6)
+    targets, grads = [], []
+    for aux_weight in (0.0, 1.0):
+        core = _core()
+        torch.manual_seed(3)
+        synth = MLPSynthesizer((core.state_size,), None, hidden_layers=0, hidden=1).double()
+        torch.nn.init.normal_(synth.output_layer.weight, std=0.5)
+        head = torch.nn.Linear(HIDDEN, core.state_size).double()
+        learner = TBPTTLearner(
+            core,
+            None,
+            synth,
+            torch.optim.SGD(synth.parameters(), lr=0.0),
+            aux_head=head if aux_weight else None,
+            aux_weight=aux_weight,
+        )
+        learner.state = tuple(t.double() for t in core.initial_state(BATCH))  # type: ignore[assignment]
+        learner.segment(x[:3], y[:3], mask[:3], update=False)
+        stats = learner.segment(x[3:], y[3:], mask[3:], update=False)
+        assert (stats.aux_loss is not None) == bool(aux_weight)
+        assert learner.last_target is not None
+        targets.append(learner.last_target)
+        grads.append(_grads(core))
+    torch.testing.assert_close(targets[0], targets[1], rtol=0, atol=0)
+    assert not torch.allclose(grads[0][0], grads[1][0])
