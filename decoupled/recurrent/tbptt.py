@@ -11,6 +11,13 @@ That same backward yields ∂(L_k + <s_k, δ̂_k>)/∂s_{k-1}: the true gradient
 plus the next boundary's synthetic gradient, which is the bootstrapped target for δ̂_{k-1}
 (Jaderberg et al. 2016, section 3.1). M is trained on it right away, by regression.
 
+``scale`` multiplies M's output where it is used, not its target, as in the feed-forward stages:
+M's fixed point is then the future gradient discounted by ``scale`` per boundary,
+M(s_{k-1}) = ∂L_k/∂s_{k-1} + scale · J_kᵀ M(s_k). With ``scale`` = 1 and no end to the sequence
+(character streams) the undiscounted sum of all future gradients can grow without bound, and did:
+the synthesizer's loss rose past 1e4 within 1000 segments of the char LM; ``scale`` < 1 keeps it
+bounded, like λ in TD(λ).
+
 Losses are the per-step cross-entropy summed over the steps and averaged over the batch B. M
 predicts the gradient of one sample's summed loss, hence the factor 1/B, so its targets do not
 depend on the batch size. The state is the flat (h, c) of every layer (``flatten_state``).
@@ -168,7 +175,7 @@ class TBPTTLearner:
         self, flat_state: torch.Tensor, target: torch.Tensor
     ) -> tuple[float, float]:
         assert self.synthesizer is not None and self.sg_optimizer is not None
-        target = target.detach() / self.sg_scale
+        target = target.detach()
         prediction: torch.Tensor = self.synthesizer(flat_state)
         sg_loss = F.mse_loss(prediction, target)
         self.sg_optimizer.zero_grad(set_to_none=True)
