@@ -414,7 +414,7 @@ def _cross_check(cfg: Config, found: _Found) -> None:
         found.append((key, problem))
 
     model, stages = cfg.model, cfg.stages
-    if valid("model.name", "data.name", "method.name", "runtime.backend", "stages"):
+    if valid("model.name", "data.name", "method.name", "runtime.backend", "stages", "train.steps"):
         _check_recurrent(cfg, add)
     if valid("model.name", "model.layers", "stages") and model.name != "lstm":
         blocks = block_count(model)
@@ -480,6 +480,8 @@ def _check_recurrent(cfg: Config, add: Callable[[str, str], None]) -> None:
         )
     if cfg.stages != 1:
         add("stages", f"model.name=lstm runs as one stage: set stages=1, got {cfg.stages}")
+    if cfg.data.name in ("copy", "repeat_copy") and cfg.train.steps is None:
+        add("train.steps", f"data.name={cfg.data.name} has no epochs: set the number of batches")
 
 
 def _hints(cls: type[Any]) -> dict[str, Any]:

@@ -238,6 +238,8 @@ def test_config_refuses_what_the_recurrent_model_cannot_do() -> None:
         _cfg("data.name=digits")
     with pytest.raises(ConfigError, match=r"model\.bptt: must be >= 1"):
         _cfg("model.bptt=0")
+    with pytest.raises(ConfigError, match=r"train\.steps: data\.name=copy has no epochs"):
+        _cfg("train.steps=null")
 
 
 def test_cli_refuses_a_recurrent_config_on_ray(capsys: pytest.CaptureFixture[str]) -> None:
