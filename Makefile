@@ -15,7 +15,7 @@ CLUSTER ?= docker/compose.yaml
 DOCKERFILES := docker/Dockerfile.gpu docker/Dockerfile.cpu
 
 .PHONY: install train test lint format clean docker-build docker-build-cpu docker-build-gpu \
-	cluster-up cluster-down submit bench data data-fashion-mnist data-mnist10k
+	cluster-up cluster-down submit bench data data-fashion-mnist data-mnist10k charlm-data
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -81,3 +81,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .mypy_cache .pytest_cache .ruff_cache
+
+# The char-level LM corpus (data.name=charlm): Debian's fortune files, by `apt-get download`.
+DATA_ROOT ?= data
+charlm-data:
+	mkdir -p $(DATA_ROOT)/fortunes
+	cd $(DATA_ROOT)/fortunes && apt-get download fortunes fortunes-min && \
+		for deb in *.deb; do dpkg-deb -x $$deb .; done

@@ -107,7 +107,11 @@ def run_training(
     """Train as configured, writing everything into ``out_dir``; returns the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
-    if cfg.runtime.backend == "local":
+    if cfg.model.name == "lstm":  # recurrent DNI: its own in-process trainer, for now
+        from decoupled.recurrent.trainer import run_recurrent
+
+        summary = run_recurrent(cfg, out_dir)
+    elif cfg.runtime.backend == "local":
         from decoupled.local import LocalTrainer
 
         trainer = LocalTrainer(cfg, load_dataset(cfg.data), out_dir, resume=resume, stop=stop)

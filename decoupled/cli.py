@@ -115,6 +115,14 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{fmt(s.get('staleness_mean'), '.1f'):>6} {fmt(s.get('staleness_p90'), '.0f'):>4} "
             f"{dropped:>8}"
         )
+    if summary.get("bptt") is not None:  # a recurrent run (decoupled/recurrent/)
+        solved, bpc = summary.get("longest_solved"), summary.get("test_bpc")
+        lines.insert(
+            2,
+            f"truncation T={summary['bptt']}"
+            + (f", longest length solved {solved}" if solved is not None else "")
+            + (f", held-out {bpc:.3f} bits/char" if bpc is not None else ""),
+        )
     wandb = summary.get("wandb")
     if wandb:
         where = wandb["url"] or f"{wandb['dir']} (offline; upload with `wandb sync`)"

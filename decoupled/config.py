@@ -17,7 +17,7 @@ import difflib
 import itertools
 import math
 import reprlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import UnionType
@@ -29,7 +29,10 @@ METHODS = ("backprop", "pipeline", "dni", "cdni", "ddp")
 # Methods whose K workers are replicas of the whole model rather than a chain of its slices.
 REPLICA_METHODS = ("ddp",)
 DATASETS = ("digits", "mnist", "mnist10k", "fashion_mnist", "cifar10", "teacher")
-MODELS = ("fcn", "cnn", "resnet")
+MODELS = ("fcn", "cnn", "resnet", "lstm")
+# Sequence tasks of the recurrent model (decoupled/recurrent/).
+RECURRENT_DATASETS = ("copy", "repeat_copy", "charlm")
+RECURRENT_METHODS = ("backprop", "dni")
 
 
 def _choices(*values: str) -> dict[str, Any]:
@@ -59,7 +62,9 @@ class TeacherConfig:
 @dataclass
 class DataConfig:
     # A built-in dataset, or "module:function" returning yours (decoupled/factories.py).
-    name: str = field(default="digits", metadata={**_choices(*DATASETS), "factory": True})
+    name: str = field(
+        default="digits", metadata={**_choices(*DATASETS, *RECURRENT_DATASETS), "factory": True}
+    )
     root: str = "data"
     batch_size: int = field(default=64, metadata={"min": 1})
     eval_batch_size: int = field(default=512, metadata={"min": 1})
@@ -72,7 +77,7 @@ class ModelConfig:
     # A built-in model, or "module:function" returning your blocks (decoupled/factories.py).
     name: str = field(default="fcn", metadata={**_choices(*MODELS), "factory": True})
     # fcn: number of linear layers including the output layer (the paper's "layers").
-    # cnn: number of 5x5 conv blocks before the linear classifier.
+    # cnn: number of 5x5 conv blocks before the linear classifier. lstm: stacked LSTM layers.
     # resnet: residual blocks in each of the three residual stages (ResNet-(6n+2); 3 = ResNet-20).
     layers: int = field(default=3, metadata={"min": 1})
     # fcn: units per hidden layer; cnn: filters per conv; resnet: channels of the first residual
@@ -83,6 +88,8 @@ class ModelConfig:
     # measured cost, the method's boundary work included (decoupled/balance.py); "even" (or []):
     # as evenly as possible by block count.
     boundaries: list[int] | str = "auto"
+    # lstm: truncation T, the steps of one segment of truncated BPTT.
+    bptt: int = field(default=8, metadata={"min": 1})
 
 
 @dataclass
@@ -197,6 +204,25 @@ class CheckpointConfig:
 
 
 @dataclass
+class RecurrentConfig:
+    """Sequence tasks of the lstm model (decoupled/recurrent/)."""
+
+    # copy, repeat_copy: the curriculum starts at this length and raises it by one whenever the
+    # error (bits per written character, over the last `window` batches) is below `threshold`.
+    start_length: int = field(default=1, metadata={"min": 1})
+    max_length: int = field(default=1000, metadata={"min": 1})
+    threshold: float = field(default=0.15, metadata={"gt": 0.0})
+    window: int = field(default=10, metadata={"min": 1})
+    alphabet: int = field(default=8, metadata={"min": 2})
+    # repeat_copy: each batch copies its characters R times, R drawn from 1..repeats.
+    repeats: int = field(default=2, metadata={"min": 1})
+    # dni: the auxiliary task of predicting the synthetic gradient T steps ahead; 0 = off.
+    aux_weight: float = field(default=0.0, metadata={"min": 0.0})
+    # charlm: held-out characters scored for bits per character (0 = the whole held-out split).
+    eval_chars: int = field(default=100_000, metadata={"min": 0})
+
+
+@dataclass
 class Config:
     # numpy's legacy seeding accepts only 0 .. 2**32 - 1.
     seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
@@ -209,6 +235,7 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    recurrent: RecurrentConfig = field(default_factory=RecurrentConfig)
 
 
 # --- loading and validation -------------------------------------------------------------------
@@ -260,6 +287,8 @@ def block_count(model: ModelConfig) -> int:
         return model.layers + 1  # the conv blocks, then the linear classifier head
     if model.name == "resnet":
         return 3 * model.layers + 2  # the stem, every residual block, the classifier head
+    if model.name == "lstm":
+        return 1  # one core; recurrent models are not split into stages yet
     raise ValueError(f"unknown model {model.name!r}")
 
 
@@ -457,8 +486,11 @@ def _cross_check(cfg: Config, found: _Found) -> None:
         found.append((key, problem))
 
     model, stages = cfg.model, cfg.stages
+    if valid("model.name", "data.name", "method.name", "runtime.backend", "stages", "train.steps"):
+        _check_recurrent(cfg, add)
     # A user's model has as many blocks as its factory returns: checked when it is built.
-    if valid("model.name", "model.layers", "stages") and ":" not in model.name:
+    user_model = ":" in model.name
+    if valid("model.name", "model.layers", "stages") and model.name != "lstm" and not user_model:
         blocks = block_count(model)
         head = {
             "cnn": " (conv blocks + classifier head)",
@@ -564,6 +596,33 @@ def _backend_keys(section: Any, path: str = "") -> list[tuple[str, str, Any, Any
         elif "backend" in f.metadata:
             found.append((_join(path, f.name), f.metadata["backend"], value, f.default))
     return found
+
+
+def _check_recurrent(cfg: Config, add: Callable[[str, str], None]) -> None:
+    """The lstm model and the sequence tasks go together, on one local stage, for now."""
+    recurrent_data = cfg.data.name in RECURRENT_DATASETS
+    if cfg.model.name != "lstm":
+        if recurrent_data:
+            add("data.name", f"{cfg.data.name!r} is a sequence task: it needs model.name=lstm")
+        return
+    if not recurrent_data:
+        add("data.name", f"model.name=lstm needs one of: {', '.join(RECURRENT_DATASETS)}")
+    if cfg.method.name not in RECURRENT_METHODS:
+        add(
+            "method.name",
+            "model.name=lstm supports backprop (truncated BPTT) and dni (synthetic gradients "
+            f"at the truncation boundaries), got {cfg.method.name!r}",
+        )
+    if cfg.runtime.backend != "local":
+        add(
+            "runtime.backend",
+            "model.name=lstm runs with runtime.backend=local only (recurrent models on Ray "
+            "actors are not built yet)",
+        )
+    if cfg.stages != 1:
+        add("stages", f"model.name=lstm runs as one stage: set stages=1, got {cfg.stages}")
+    if cfg.data.name in ("copy", "repeat_copy") and cfg.train.steps is None:
+        add("train.steps", f"data.name={cfg.data.name} has no epochs: set the number of batches")
 
 
 def _hints(cls: type[Any]) -> dict[str, Any]:
