@@ -25,7 +25,7 @@ from typing import Any, Final, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-METHODS = ("backprop", "pipeline", "dni", "cdni", "ddp")
+METHODS = ("backprop", "pipeline", "dni", "cdni", "dgl", "ddp")
 # Methods whose K workers are replicas of the whole model rather than a chain of its slices.
 REPLICA_METHODS = ("ddp",)
 DATASETS = ("digits", "mnist", "mnist10k", "fashion_mnist", "cifar10", "teacher")
@@ -111,9 +111,20 @@ class SGConfig:
 
 
 @dataclass
+class DGLConfig:
+    # Hidden layers of each stage's auxiliary classifier (0: a linear head).
+    layers: int = field(default=1, metadata={"min": 0})
+    hidden: int = field(default=256, metadata={"min": 1})
+    # Feature maps are average-pooled to pool x pool before the head (DGL's auxiliary nets).
+    pool: int = field(default=2, metadata={"min": 1})
+
+
+@dataclass
 class MethodConfig:
     name: str = field(default="cdni", metadata=_choices(*METHODS))
     sg: SGConfig = field(default_factory=SGConfig)
+    # dgl: each stage's auxiliary classifier.
+    dgl: DGLConfig = field(default_factory=DGLConfig)
     # In-process trainer only: steps between a target being computed and its delivery.
     delay: int = field(default=0, metadata={"min": 0, "backend": "local"})
     # pipeline: micro-batches per batch (GPipe).
