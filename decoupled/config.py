@@ -25,7 +25,7 @@ from typing import Any, Final, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-METHODS = ("backprop", "pipeline", "dni", "cdni", "dgl", "ddp")
+METHODS = ("backprop", "pipeline", "dni", "cdni", "dgl", "delayed", "ddp")
 # Methods whose K workers are replicas of the whole model rather than a chain of its slices.
 REPLICA_METHODS = ("ddp",)
 DATASETS = ("digits", "mnist", "mnist10k", "fashion_mnist", "cifar10", "teacher")

@@ -59,6 +59,10 @@ class StageStats:
         self._cosine.append(cosine)
         self.recent_sg_loss.append(loss)
         self.recent_cosine.append(cosine)
+        self.record_staleness(staleness)
+
+    def record_staleness(self, staleness: int) -> None:
+        """A message from the next stage used ``staleness`` steps after its forward pass."""
         self._staleness.append(staleness)
         self.staleness_counts[staleness] += 1
 

@@ -24,6 +24,7 @@ from decoupled.config import config_to_dict
 from decoupled.data import Dataset
 from decoupled.interrupt import Interrupted, StopRequest
 from decoupled.local import LocalTrainer
+from decoupled.methods import METHODS
 from tests.conftest import DIGITS_CONFIG, small_config
 
 CPU = torch.device("cpu")
@@ -86,7 +87,9 @@ def _params(trainer: LocalTrainer) -> list[torch.Tensor]:
     return [t for s in trainer.stages for t in s.module.state_dict().values()]
 
 
-@pytest.mark.parametrize("method", ["backprop", "cdni"])
+@pytest.mark.parametrize(
+    "method", sorted(name for name, method in METHODS.items() if not method.replicas)
+)
 def test_resume_continues_exactly_where_the_uninterrupted_run_goes(
     digits: Dataset, tmp_path: Path, method: str
 ) -> None:
