@@ -151,8 +151,9 @@ def run_case(case: Case, cfg: Config, dataset: Dataset, quiet: float) -> dict[st
 def cases_for(stages: list[int], micro_batches: int) -> list[Case]:
     cases = [Case("backprop", 1, "local"), Case("backprop", 1, "ray")]
     for k in stages:
-        for method in ("pipeline", "dni", "cdni"):
+        for method in ("pipeline", "dni", "cdni", "dgl", "delayed"):
             cases += [Case(method, k, "torch"), Case(method, k, "ray")]
+        cases.append(Case("ddp", k, "torch"))  # replicas all-reduce over torch.distributed
         for schedule in SCHEDULES:
             if schedule == "1f1b" and micro_batches < k:
                 # Schedule1F1B refuses fewer micro-batches than stages; say so, not fail later.
@@ -175,7 +176,8 @@ def aggregate(case: Case, runs: list[dict[str, Any]], base: float) -> dict[str, 
         "steady_min": min(steady),
         "steady_max": max(steady),
         "ratio_to_backprop": median / base,
-        "target": 0.85 * case.stages if case.method in ("dni", "cdni") else None,
+        # DESIGN.md's 0.85 K for the update-unlocked methods (issue 16 asks 1.5x at K=2).
+        "target": 0.85 * case.stages if case.method in ("dni", "cdni", "dgl", "delayed") else None,
         "summary_median": statistics.median(r["summary_samples_per_s"] for r in runs),
         "cpu_busy_before_max": max(r["cpu_busy_before"] for r in runs),
         "typical_run": typical,
