@@ -62,7 +62,7 @@ def test_with_delay_d_the_update_at_step_t_uses_the_weights_of_step_t_minus_d(
 
     def checking_backward(seq: int, grad: torch.Tensor) -> Any:
         stash = first.stashes[seq]
-        for stashed, then in zip(stash.params.values(), weights[seq], strict=True):
+        for stashed, then in zip(stash.params.values(), weights[seq], strict=True):  # unchanged
             assert torch.equal(stashed, then)  # the weights of that step's forward pass
         used.append((seq, step_now[0]))
         return backward(seq, grad)
