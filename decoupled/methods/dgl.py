@@ -4,8 +4,9 @@ Every stage but the last trains on the loss of a small auxiliary classifier of i
 own output: h_i = f_i(x) with x detached, θ_i and the head's weights ← opt(∇ CE(head_i(h_i), y)).
 The last stage trains on the model's loss. No gradient crosses a stage boundary, so only
 forward messages travel and no stage ever waits for a later one; the bounded forward channels
-hold a fast producer back. The head is DGL's auxiliary net: feature maps are average-pooled to a
-small grid first, then an MLP (``method.dgl.layers`` of ``hidden`` units) classifies.
+hold a fast producer back. The head is DGL's auxiliary net: a feature map goes through a 3x3
+convolution and an average pool to a small grid, then an MLP (``method.dgl.layers`` of
+``hidden`` units) classifies.
 """
 
 from __future__ import annotations
@@ -24,12 +25,18 @@ from decoupled.stage import Stage
 
 
 def auxiliary_head(shape: tuple[int, ...], num_classes: int, cfg: DGLConfig) -> nn.Module:
-    """A classifier of one stage's output (per sample ``shape``): pool feature maps, then an
-    MLP."""
+    """A classifier of one stage's output (per sample ``shape``): as DGL's auxiliary nets, a
+    3x3 convolution and an average pool to a small grid for feature maps, then an MLP."""
     layers: list[nn.Module] = []
     if len(shape) == 3:
-        layers += [nn.AdaptiveAvgPool2d(cfg.pool)]
-        width = shape[0] * cfg.pool * cfg.pool
+        channels = shape[0]
+        layers += [
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(cfg.pool),
+        ]
+        width = channels * cfg.pool * cfg.pool
     else:
         width = math.prod(shape)
     layers.append(nn.Flatten())

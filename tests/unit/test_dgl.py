@@ -56,5 +56,6 @@ def test_feature_maps_get_a_pooled_head(digits: Dataset) -> None:
     first, _ = build_stages(cfg, (3, 16, 16), 10)
     assert isinstance(first, GreedyStage) and first.head is not None
     assert isinstance(first.head, nn.Sequential)
-    assert isinstance(first.head[0], nn.AdaptiveAvgPool2d)
+    assert isinstance(first.head[0], nn.Conv2d)
+    assert isinstance(first.head[3], nn.AdaptiveAvgPool2d)
     assert first.head(torch.zeros(2, 4, 4, 4)).shape == (2, 10)
