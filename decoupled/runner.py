@@ -63,6 +63,9 @@ class RunnerSettings:
     send_timeout_s: float = 600.0
     # Stage 0 sends a probe batch after every this many steps (0: never; see Kind.PROBE).
     probe_every: int = 0
+    # How long a finished stage waits for its last probe's exact gradient. It must stay well
+    # below the controller's stall timeout: a wait for a dropped probe is not progress.
+    probe_wait_s: float = PROBE_WAIT_S
 
 
 class ErrorKind(enum.Enum):
@@ -304,7 +307,7 @@ class StageRunner:
         """At the end: the exact gradient of a probe still in flight is on its way back
         (the stages after this one handle the probe before the STOP behind it). A full
         backward channel may have dropped it, like any target: the wait is short."""
-        deadline = time.monotonic() + min(self.settings.send_timeout_s, PROBE_WAIT_S)
+        deadline = time.monotonic() + self.settings.probe_wait_s
         while self.stage.probe_pending and self.backward_in is not None:
             message = self.backward_in.recv(timeout=POLL_S)
             if message is not None:

@@ -29,7 +29,7 @@ from decoupled.ray_runtime.transport_torch import (
     free_port,
     open_process_group,
 )
-from decoupled.runner import RunnerSettings, StagePoll, StageRunner
+from decoupled.runner import PROBE_WAIT_S, RunnerSettings, StagePoll, StageRunner
 from decoupled.schedule import Schedule
 
 
@@ -139,6 +139,7 @@ class StageActor:
             schedule=schedule,
             micro_batches=self.micro_batches,
             probe_every=self.probe_every,
+            probe_wait_s=min(PROBE_WAIT_S, cfg.runtime.stall_timeout_s / 4),
             lockstep=cfg.runtime.lockstep,
             send_timeout_s=cfg.runtime.timeout_s,
         )
