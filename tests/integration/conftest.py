@@ -3,6 +3,7 @@ cluster shared by the modules that only submit jobs to it."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 
@@ -12,13 +13,14 @@ import ray
 from tests.integration.cluster import LocalCluster, local_cluster
 
 
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[None]:
-    # address="local": always a new cluster, never one another process left registered.
+@contextlib.contextmanager
+def logical_cluster(num_gpus: int = 0) -> Iterator[None]:
+    """A fresh local Ray with 4 logical CPUs and ``num_gpus`` logical GPUs (no CUDA needed);
+    address="local": always a new cluster, never one another process left registered."""
     ray.init(
         address="local",
         num_cpus=4,
-        num_gpus=0,
+        num_gpus=num_gpus,
         include_dashboard=False,
         object_store_memory=150 * 2**20,
         logging_level=logging.WARNING,
@@ -27,6 +29,12 @@ def ray_cluster() -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[None]:
+    with logical_cluster():
+        yield
 
 
 @pytest.fixture(scope="package")

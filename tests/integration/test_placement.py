@@ -5,7 +5,6 @@ any CUDA is touched: whether K stage bundles fit on G GPUs, and which GPU each s
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from collections.abc import Iterator
 
@@ -15,6 +14,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from decoupled.ray_runtime.plan import plan_resources
+from tests.integration.conftest import logical_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -24,18 +24,8 @@ STAGES = 3
 
 @pytest.fixture(scope="module")
 def gpu_cluster() -> Iterator[None]:
-    ray.init(
-        address="local",
-        num_cpus=4,
-        num_gpus=LOGICAL_GPUS,
-        include_dashboard=False,
-        object_store_memory=150 * 2**20,
-        logging_level=logging.WARNING,
-    )
-    try:
+    with logical_cluster(num_gpus=LOGICAL_GPUS):
         yield
-    finally:
-        ray.shutdown()
 
 
 @ray.remote
