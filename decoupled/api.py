@@ -95,7 +95,9 @@ def resume_point(cfg: Config, run_dir: Path) -> Cut:
     if cut is None:
         raise CheckpointError(f"no complete checkpoint in {run_dir / 'checkpoints'} to resume")
     config = config_to_dict(cfg)
-    if cfg.model.boundaries == "auto":  # the split measured for the run is the resumed run's
+    if not isinstance(cfg.model.boundaries, list) or not cfg.model.boundaries:
+        # "auto" keeps the cut's split, "even" is checked against it once the data's shape is
+        # known (balance.balanced): the cut records the split it resolved to, never the word.
         config["model"]["boundaries"] = cut.config["model"]["boundaries"]
     check_compatible(cut, config, num_stages(cfg))
     return cut

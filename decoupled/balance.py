@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from decoupled.checkpoint import Cut
+from decoupled.checkpoint import CheckpointError, Cut
 from decoupled.config import Config
 from decoupled.methods import method_for
 from decoupled.models import build_blocks, even_boundaries
@@ -163,11 +163,22 @@ def resolve_boundaries(cfg: Config, input_shape: tuple[int, ...], num_classes: i
 def balanced(
     cfg: Config, input_shape: tuple[int, ...], num_classes: int, resume: Cut | None = None
 ) -> tuple[Config, Balance]:
-    """``cfg`` with the split decided (a resumed "auto" run keeps its checkpoint's), and how."""
-    if resume is not None and cfg.model.boundaries == "auto":
-        kept = list(resume.config["model"]["boundaries"])
+    """``cfg`` with the split decided (a resumed "auto" run keeps its checkpoint's), and how.
+
+    A resumed run that asks for another split ("even", or a list) than its checkpoint's is
+    refused: its stage files hold other blocks."""
+    if resume is None:
+        balance = resolve_boundaries(cfg, input_shape, num_classes)
+        return with_boundaries(cfg, balance.boundaries), balance
+    kept = list(resume.config["model"]["boundaries"])
+    if cfg.model.boundaries == "auto":
         return with_boundaries(cfg, kept), Balance(kept, None, "resumed")
-    balance = resolve_boundaries(cfg, input_shape, num_classes)
+    balance = resolve_boundaries(cfg, input_shape, num_classes)  # "even" or given: no timing
+    if balance.boundaries != kept:
+        raise CheckpointError(
+            f"{resume.path} does not fit this configuration:\n  model.boundaries: checkpoint "
+            f"has {kept}, this run {balance.boundaries} ({cfg.model.boundaries!r})"
+        )
     return with_boundaries(cfg, balance.boundaries), balance
 
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+import decoupled
 from decoupled.balance import balanced, partition, resolve_boundaries
-from decoupled.checkpoint import Cut
+from decoupled.checkpoint import CheckpointError, Cut
 from decoupled.config import parse_config
 from decoupled.data import Dataset
 from decoupled.local import LocalTrainer
@@ -64,3 +65,26 @@ def test_the_split_reaches_the_summary_and_a_resumed_run_keeps_it(
     cut = Cut(tmp_path, 4, 2, {"model": {"boundaries": [3]}})
     resumed, balance = balanced(cfg, digits.input_shape, digits.num_classes, resume=cut)
     assert resumed.model.boundaries == [3] and balance.how == "resumed"
+
+
+@pytest.mark.parametrize("method", ["cdni", "ddp"])
+def test_an_even_run_resumes_with_even(method: str, tmp_path: Path) -> None:
+    """The cut records the split it resolved to ([2], or [] for replicas), never the word
+    "even": resuming with the same "even" must be accepted (it was refused on a GPU run)."""
+    common = [f"method.name={method}", "stages=2", "checkpoint.every=4"]
+    cfg = small_config([*common, "train.steps=4"])
+    decoupled.train(cfg, out=tmp_path / "run")
+    resumed = decoupled.train(small_config([*common, "train.steps=8"]), resume=tmp_path / "run")
+    assert resumed["steps"] == 8
+
+
+def test_a_resumed_run_that_asks_for_another_split_is_refused(
+    digits: Dataset, tmp_path: Path
+) -> None:
+    cfg = small_config(["method.name=cdni", "stages=2"])  # even: [2] of 4 blocks
+    same = Cut(tmp_path, 4, 2, {"model": {"boundaries": [2]}})
+    resumed, _ = balanced(cfg, digits.input_shape, digits.num_classes, resume=same)
+    assert resumed.model.boundaries == [2]
+    other = Cut(tmp_path, 4, 2, {"model": {"boundaries": [1]}})
+    with pytest.raises(CheckpointError, match=r"model.boundaries: checkpoint has \[1\]"):
+        balanced(cfg, digits.input_shape, digits.num_classes, resume=other)
