@@ -38,10 +38,8 @@ meaningful for K=2 only.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import logging
-import multiprocessing
 import statistics
 import tempfile
 import time
@@ -49,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import machine, wait_quiet
+from common import machine, preload, run_grid, wait_quiet
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, PercentFormatter
@@ -182,8 +180,8 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
             print(f"CIFAR-10 not found, so the CNN rows are skipped: {cifar_missing}")
     rows: list[dict[str, Any]] = []
     epochs: dict[str, int] = {}
-    for _, _, data in grids:  # the serial grid (and nothing else) reuses these
-        _LOADED[data.name] = data
+    for _, _, data in grids:
+        preload(data)
     configs = {
         (model, layers, method, seed): table_config(model, layers, method, seed, data.name, args)
         for model, depths, data in grids
@@ -191,7 +189,7 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
         for method in args.methods
         for seed in args.seeds
     }
-    results = _run_grid(configs, args.jobs)
+    results = run_grid(configs, _grid_run, args.jobs)
     for model, depths, _ in grids:
         for layers in depths:
             base: float | None = None
@@ -212,14 +210,9 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
 
 
 GridKey = tuple[str, int, str, int]  # model, layers, method, seed
-_LOADED: dict[str, Dataset] = {}  # per process: a worker loads each dataset once
 
 
-def _grid_run(key: GridKey, cfg: Config) -> tuple[GridKey, dict[str, Any]]:
-    torch.set_num_threads(1)  # each worker process: one thread, as in the serial grid
-    if cfg.data.name not in _LOADED:
-        _LOADED[cfg.data.name] = load_dataset(cfg.data)
-    data = _LOADED[cfg.data.name]
+def _grid_run(key: GridKey, cfg: Config, data: Dataset) -> dict[str, Any]:
     run = table_run(cfg, data)
     model, layers, method, seed = key
     print(
@@ -227,18 +220,7 @@ def _grid_run(key: GridKey, cfg: Config) -> tuple[GridKey, dict[str, Any]]:
         f"test error {run['test_error']:.2%} after {run['steps']} steps ({run['call_s']:.1f}s)",
         flush=True,
     )
-    return key, run
-
-
-def _run_grid(configs: dict[GridKey, Config], jobs: int) -> dict[GridKey, dict[str, Any]]:
-    """Every run of the grid, ``jobs`` at a time in worker processes (1: in this process).
-    Each run is deterministic for its seed, so the results do not depend on ``jobs``."""
-    if jobs <= 1:
-        return dict(_grid_run(key, cfg) for key, cfg in configs.items())
-    context = multiprocessing.get_context("spawn")  # no forked torch thread pools
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
-        futures = [pool.submit(_grid_run, key, cfg) for key, cfg in configs.items()]
-        return dict(f.result() for f in concurrent.futures.as_completed(futures))
+    return run
 
 
 def table_markdown(table: dict[str, Any]) -> str:
