@@ -69,6 +69,9 @@ class DataConfig:
     batch_size: int = field(default=64, metadata={"min": 1})
     eval_batch_size: int = field(default=512, metadata={"min": 1})
     download: bool = False
+    # DataLoader worker processes reading the map-style torch Datasets a data.name factory
+    # returns, in stage 0's actor (0: in the stage's own process); batches do not depend on it.
+    workers: int = field(default=0, metadata={"min": 0})
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
 
@@ -554,6 +557,13 @@ def _cross_check(cfg: Config, found: _Found) -> None:
             "model.name",
             f"{model.name} convolves images, but data.name=teacher gives vectors: "
             "use model.name=fcn",
+        )
+
+    if valid("data.workers", "data.name") and cfg.data.workers and ":" not in cfg.data.name:
+        add(
+            "data.workers",
+            f"reads the torch Datasets of a data.name factory ('module:function'); "
+            f"{cfg.data.name} is in memory and read by indexing: leave it at 0",
         )
 
     gpus = cfg.runtime.gpus_per_stage
