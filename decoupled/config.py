@@ -172,6 +172,9 @@ class TrainConfig:
     eval_every: int = field(default=0, metadata={"min": 0})  # steps; 0 = at the end of each epoch
     log_every: int = field(default=10, metadata={"min": 1})
     progress: bool = True
+    # Autocast of every stage's forward pass, loss and synthesizer: bf16 (CPU or GPU), fp16
+    # (GPU only, with a loss scaler per stage); weights and boundary activations stay fp32.
+    precision: str = field(default="fp32", metadata=_choices("fp32", "bf16", "fp16"))
 
 
 @dataclass
@@ -557,6 +560,17 @@ def _cross_check(cfg: Config, found: _Found) -> None:
             "model.name",
             f"{model.name} convolves images, but data.name=teacher gives vectors: "
             "use model.name=fcn",
+        )
+
+    precision = cfg.train.precision
+    if valid("train.precision", "model.name") and precision != "fp32" and model.name == "lstm":
+        add("train.precision", "model.name=lstm trains in fp32 only (for now)")
+    local = cfg.runtime.backend == "local"
+    if valid("train.precision", "runtime.backend") and precision == "fp16" and local:
+        add(
+            "train.precision",
+            "fp16 needs a CUDA device for its loss scaling, and runtime.backend=local "
+            "trains on the CPU: use bf16 or fp32",
         )
 
     if valid("data.workers", "data.name") and cfg.data.workers and ":" not in cfg.data.name:

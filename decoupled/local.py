@@ -57,6 +57,7 @@ class LocalTrainer:
         out_dir: Path | None = None,
         resume: Cut | None = None,
         stop: StopRequest | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
         info = describe(dataset)
         self.cfg, self.balance = balanced(cfg, info.input_shape, info.num_classes, resume=resume)
@@ -65,7 +66,7 @@ class LocalTrainer:
         self.out_dir = out_dir
         self.checkpoints = out_dir / "checkpoints" if out_dir is not None else None
         self.stop = stop or StopRequest()
-        self.stages = build_stages(cfg, info.input_shape, info.num_classes)
+        self.stages = build_stages(cfg, info.input_shape, info.num_classes, device)
         self.start_step = 0
         if resume is not None:
             for stage in self.stages:
