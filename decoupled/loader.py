@@ -47,6 +47,45 @@ class MapData:
     name: str = ""
 
 
+class ArrayFiles(TorchDataset[tuple[torch.Tensor, int]]):
+    """Samples in ``.npy`` files, read through memory maps: a split larger than memory, in
+    shards (``images[k]`` (N_k, ...) and ``labels[k]`` (N_k,) integers, the shards in order).
+    Only the headers are read here; each process that reads samples maps the files itself, and
+    the pages a batch touches are all it holds."""
+
+    def __init__(self, images: list[str], labels: list[str]) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} image files but {len(labels)} label files")
+        self.images, self.labels = list(images), list(labels)
+        sizes = []
+        for x_path, y_path in zip(self.images, self.labels, strict=True):
+            x_rows = len(np.load(x_path, mmap_mode="r"))
+            y_rows = len(np.load(y_path, mmap_mode="r"))
+            if x_rows != y_rows:
+                raise ValueError(f"{x_path} has {x_rows} samples but {y_path} has {y_rows}")
+            sizes.append(x_rows)
+        self.starts = np.cumsum([0, *sizes])
+        self._maps: list[tuple[np.ndarray, np.ndarray]] | None = None
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if self._maps is None:  # opened in the process that reads (a DataLoader worker, say)
+            self._maps = [
+                (np.load(x, mmap_mode="r"), np.load(y, mmap_mode="r"))
+                for x, y in zip(self.images, self.labels, strict=True)
+            ]
+        shard = int(np.searchsorted(self.starts, index, side="right")) - 1
+        x, y = self._maps[shard]
+        row = index - int(self.starts[shard])
+        return torch.from_numpy(np.array(x[row], dtype=np.float32)), int(y[row])
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Memory maps are not pickled to worker processes or Ray actors: each maps its own.
+        return {**self.__dict__, "_maps": None}
+
+
 def mix(*values: int) -> int:
     """A 63-bit seed of ``values`` (splitmix64 over them): neighbouring inputs share nothing."""
     state = 0x9E3779B97F4A7C15
@@ -262,4 +301,11 @@ def loader_eval_batches(
     yield from _loader(dataset, _EvalBatches(n, batch_size, seed), workers, seed)
 
 
-__all__ = ["LoaderStream", "MapData", "as_map_data", "loader_eval_batches", "sample_shape"]
+__all__ = [
+    "ArrayFiles",
+    "LoaderStream",
+    "MapData",
+    "as_map_data",
+    "loader_eval_batches",
+    "sample_shape",
+]

@@ -19,7 +19,7 @@ import decoupled
 from decoupled.cli import main
 from decoupled.config import ConfigError, DataConfig, parse_config
 from decoupled.data import TrainStream, dataset_info, load_data, load_dataset
-from decoupled.loader import LoaderStream, MapData, loader_eval_batches
+from decoupled.loader import ArrayFiles, LoaderStream, MapData, loader_eval_batches
 from tests.conftest import DIGITS_CONFIG
 
 
@@ -223,3 +223,24 @@ def test_workers_are_refused_for_data_read_by_indexing() -> None:
         parse_config({"data": {"workers": 2}})
     with pytest.raises(ConfigError, match=r"data\.workers: must be >= 0"):
         parse_config({"data": {"name": "m:f", "workers": -1}})
+
+
+def test_array_files_read_shards_through_memory_maps(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (50, 1, 4, 4)).astype(np.uint8)
+    y = rng.integers(0, 10, 50)
+    files: tuple[list[str], list[str]] = ([], [])
+    for k, rows in enumerate((slice(0, 20), slice(20, 50))):
+        arrays: tuple[np.ndarray, np.ndarray] = (x, y)
+        for names, array, kind in zip(files, arrays, ("x", "y"), strict=True):
+            names.append(str(tmp_path / f"{kind}{k}.npy"))
+            np.save(names[-1], array[rows])
+    ds = ArrayFiles(*files)
+    assert len(ds) == 50 and ds._maps is None  # nothing read but the headers
+    for i in (0, 19, 20, 49):
+        sample, label = ds[i]
+        assert torch.equal(sample, torch.from_numpy(x[i].astype(np.float32))) and label == y[i]
+    opened: Any = vars(ds)["_maps"]
+    assert isinstance(opened[1][0], np.memmap)  # read in place, not loaded
+    inline = batches(LoaderStream(ds, 16, seed=2, workers=0), range(4))
+    assert_same(batches(LoaderStream(ds, 16, seed=2, workers=1), range(4)), inline)
