@@ -75,10 +75,11 @@ TTA_SG = {
 # -- part 1: Table 1 ---------------------------------------------------------------------------
 
 
-def table_data(root: str) -> tuple[Dataset, str | None]:
-    """MNIST from ``root`` by the project's loader, or the digits and why MNIST is not used."""
+def table_data(name: str, root: str) -> tuple[Dataset, str | None]:
+    """``name`` (MNIST or another IDX set) from ``root`` by the project's loader, or the digits
+    and why ``name`` is not used."""
     try:
-        return load_dataset(DataConfig(name="mnist", root=root)), None
+        return load_dataset(DataConfig(name=name, root=root)), None
     except DataError as err:
         return load_dataset(DataConfig(name="digits")), str(err)
 
@@ -116,7 +117,7 @@ def table_config(
     elif data == "digits":
         overrides.append(f"train.epochs={DIGITS_EPOCHS}")
     blocks = block_count(ModelConfig(name=model, layers=layers))
-    return load_config(path, [*overrides, f"stages={blocks}"])
+    return load_config(path, [*overrides, *args.set, f"stages={blocks}"])
 
 
 def table_run(cfg: Config, dataset: Dataset) -> dict[str, Any]:
@@ -164,9 +165,11 @@ def table_row(
 
 
 def run_table(args: argparse.Namespace) -> dict[str, Any]:
-    dataset, fallback = table_data(args.data_root)
+    dataset, fallback = table_data(args.table_data, args.data_root)
     if fallback is not None:
-        print(f"MNIST not found, so the FCN grid runs on the embedded digits: {fallback}")
+        print(
+            f"{args.table_data} not found, so the FCN grid runs on the embedded digits: {fallback}"
+        )
     grids: list[tuple[str, list[int], Dataset]] = [("fcn", args.layers, dataset)]
     cifar_missing: str | None = None
     if args.cifar_layers:
@@ -442,6 +445,18 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--data-root", default="data", help="data.root: where MNIST / CIFAR-10 are")
     p.add_argument(
+        "--table-data",
+        default="mnist",
+        choices=["mnist", "fashion_mnist", "mnist10k"],
+        help="the FCN grid's data.name (the digits when it is not in --data-root)",
+    )
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        help="KEY=VALUE overrides of the grid's configs (tuned settings; said in the output)",
+    )
+    p.add_argument(
         "--cifar-layers",
         type=int,
         nargs="*",
@@ -492,7 +507,8 @@ def main() -> None:
         table["wall_s"] = time.perf_counter() - started
         epochs = ", ".join(f"{m}: {e}" for m, e in table["epochs"].items())
         print(
-            f"\nTable 1 analogue on {table['data']} ({epochs} epochs; seeds {args.seeds}); "
+            f"\nTable 1 analogue on {table['data']} ({epochs} epochs; seeds {args.seeds}; "
+            f"overrides {args.set or 'none'}); "
             f"test error = 1 - final test accuracy; x backprop = mean error / backprop's.\n"
         )
         print(table_markdown(table))
