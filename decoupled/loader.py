@@ -273,10 +273,8 @@ class LoaderStream:
         return batch
 
     def close(self) -> None:
-        """Stop the worker processes (a new ``batch`` call starts them again)."""
-        shutdown = getattr(self._batches, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+        """Stop the worker processes (a new ``batch`` call starts them again): the loader's
+        iterator shuts its workers down when its last reference goes."""
         self._batches = None
 
 
