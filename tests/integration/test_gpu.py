@@ -136,3 +136,15 @@ def test_a_run_checkpointed_on_the_gpu_resumes_there(gpu_cluster: int, tmp_path:
     assert resumed["steps"] == 80 and resumed["resumed_from"] == 40
     assert all(s["device"] == "cuda:0" for s in resumed["stages"])
     assert resumed["test_accuracy"] > 0.5
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_cdni_on_a_shared_gpu(
+    gpu_cluster: int, tmp_path: Path, precision: str
+) -> None:
+    """Autocast on the actors' GPU, fp16 with its loss scalers (checkpointed with the stages):
+    the run learns as the fp32 one does."""
+    common = ["method.name=cdni", "stages=2", "train.epochs=5", "runtime.gpus_per_stage=0.5"]
+    mixed = _train(tmp_path / precision, *common, f"train.precision={precision}")
+    assert [s["device"] for s in mixed["stages"]] == ["cuda:0", "cuda:0"]
+    assert mixed["test_accuracy"] > 0.9
