@@ -38,15 +38,16 @@ meaningful for K=2 only.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import logging
+import multiprocessing
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
 from common import machine, wait_quiet
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -56,7 +57,6 @@ from matplotlib.ticker import LogLocator, PercentFormatter
 from decoupled.config import Config, DataConfig, ModelConfig, block_count, load_config
 from decoupled.data import DataError, Dataset, load_dataset
 from decoupled.local import LocalTrainer
-from decoupled.ray_runtime.controller import train_on_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -182,22 +182,22 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
             print(f"CIFAR-10 not found, so the CNN rows are skipped: {cifar_missing}")
     rows: list[dict[str, Any]] = []
     epochs: dict[str, int] = {}
-    for model, depths, data in grids:
+    for _, _, data in grids:  # the serial grid (and nothing else) reuses these
+        _LOADED[data.name] = data
+    configs = {
+        (model, layers, method, seed): table_config(model, layers, method, seed, data.name, args)
+        for model, depths, data in grids
+        for layers in depths
+        for method in args.methods
+        for seed in args.seeds
+    }
+    results = _run_grid(configs, args.jobs)
+    for model, depths, _ in grids:
         for layers in depths:
             base: float | None = None
             for method in args.methods:
-                runs = []
-                for seed in args.seeds:
-                    cfg = table_config(model, layers, method, seed, data.name, args)
-                    epochs[model] = cfg.train.epochs
-                    run = table_run(cfg, data)
-                    runs.append(run)
-                    print(
-                        f"{data.name} {model} {layers} layers, {method}, seed {seed}: "
-                        f"test error {run['test_error']:.2%} after {run['steps']} steps "
-                        f"({run['call_s']:.1f}s)",
-                        flush=True,
-                    )
+                runs = [results[(model, layers, method, seed)] for seed in args.seeds]
+                epochs[model] = configs[(model, layers, method, args.seeds[0])].train.epochs
                 row = table_row(model, layers, method, runs, base)
                 if method == "backprop":
                     base = row["error_mean"]
@@ -209,6 +209,36 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
         "epochs": epochs,
         "rows": rows,
     }
+
+
+GridKey = tuple[str, int, str, int]  # model, layers, method, seed
+_LOADED: dict[str, Dataset] = {}  # per process: a worker loads each dataset once
+
+
+def _grid_run(key: GridKey, cfg: Config) -> tuple[GridKey, dict[str, Any]]:
+    torch.set_num_threads(1)  # each worker process: one thread, as in the serial grid
+    if cfg.data.name not in _LOADED:
+        _LOADED[cfg.data.name] = load_dataset(cfg.data)
+    data = _LOADED[cfg.data.name]
+    run = table_run(cfg, data)
+    model, layers, method, seed = key
+    print(
+        f"{data.name} {model} {layers} layers, {method}, seed {seed}: "
+        f"test error {run['test_error']:.2%} after {run['steps']} steps ({run['call_s']:.1f}s)",
+        flush=True,
+    )
+    return key, run
+
+
+def _run_grid(configs: dict[GridKey, Config], jobs: int) -> dict[GridKey, dict[str, Any]]:
+    """Every run of the grid, ``jobs`` at a time in worker processes (1: in this process).
+    Each run is deterministic for its seed, so the results do not depend on ``jobs``."""
+    if jobs <= 1:
+        return dict(_grid_run(key, cfg) for key, cfg in configs.items())
+    context = multiprocessing.get_context("spawn")  # no forked torch thread pools
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        futures = [pool.submit(_grid_run, key, cfg) for key, cfg in configs.items()]
+        return dict(f.result() for f in concurrent.futures.as_completed(futures))
 
 
 def table_markdown(table: dict[str, Any]) -> str:
@@ -295,6 +325,8 @@ def reached(evals: list[dict[str, Any]], threshold: float) -> dict[str, Any] | N
 
 def tta_run(cfg: Config, dataset: Dataset, args: argparse.Namespace) -> dict[str, Any]:
     busy = wait_quiet(args.quiet, timeout_s=args.quiet_timeout)
+    from decoupled.ray_runtime.controller import train_on_ray  # Ray only for this part
+
     with tempfile.TemporaryDirectory(prefix="bench-tta-") as tmp:
         out = Path(tmp)
         summary = train_on_ray(cfg, dataset, out)
@@ -321,6 +353,8 @@ def tta_run(cfg: Config, dataset: Dataset, args: argparse.Namespace) -> dict[str
 
 
 def run_tta(args: argparse.Namespace) -> dict[str, Any]:
+    import ray  # not needed by the table, which may run where Ray is not installed
+
     dataset = load_dataset(DataConfig(name="digits"))
     # (label, method, synthesizer)
     cases: list[tuple[str, str, str | None]] = [("backprop K=1", "backprop", None)]
@@ -449,6 +483,12 @@ def parse_args() -> argparse.Namespace:
         default="mnist",
         choices=["mnist", "fashion_mnist", "mnist10k"],
         help="the FCN grid's data.name (the digits when it is not in --data-root)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="table runs at a time, in worker processes of one thread each (one per free core)",
     )
     p.add_argument(
         "--set",

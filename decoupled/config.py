@@ -182,7 +182,8 @@ class RuntimeConfig:
     backend: str = field(default="ray", metadata=_choices("ray", "local"))
     address: str | None = None
     transport: str = field(default="auto", metadata=_choices("auto", "ray", "torch"))
-    # "auto" or a number of GPUs per stage actor (fractions share a device).
+    # "auto" or a number of GPUs per stage actor (fractions share a device). The local backend
+    # puts every stage on cuda:0 for any share above 0, and for "auto" when there is a GPU.
     gpus_per_stage: float | str = "auto"
     cpus_per_stage: float = field(default=1.0, metadata={"gt": 0.0})
     # Messages per channel. Deeper channels add target staleness and, with balanced stages, no
@@ -565,13 +566,6 @@ def _cross_check(cfg: Config, found: _Found) -> None:
     precision = cfg.train.precision
     if valid("train.precision", "model.name") and precision != "fp32" and model.name == "lstm":
         add("train.precision", "model.name=lstm trains in fp32 only (for now)")
-    local = cfg.runtime.backend == "local"
-    if valid("train.precision", "runtime.backend") and precision == "fp16" and local:
-        add(
-            "train.precision",
-            "fp16 needs a CUDA device for its loss scaling, and runtime.backend=local "
-            "trains on the CPU: use bf16 or fp32",
-        )
 
     if valid("data.workers", "data.name") and cfg.data.workers and ":" not in cfg.data.name:
         add(

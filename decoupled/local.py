@@ -20,7 +20,7 @@ from decoupled.balance import balanced, summary_figures
 from decoupled.build import build_stages
 from decoupled.channel import BackwardMessage, DelayLine
 from decoupled.checkpoint import Cut, commit_cut, load_stage, save_stage
-from decoupled.config import Config, config_to_dict
+from decoupled.config import Config, ConfigError, config_to_dict
 from decoupled.data import Batch, Data, describe, eval_source, train_stream
 from decoupled.interrupt import Interrupted, StopRequest
 from decoupled.methods import MethodStage, Sends, method_for
@@ -33,6 +33,21 @@ from decoupled.metrics import (
 )
 from decoupled.runner import stage_summary_figures
 from decoupled.schedule import Schedule
+
+
+def local_device(gpus_per_stage: float | str) -> torch.device:
+    """Where the in-process stages run: all on cuda:0 for any GPU share ("auto": when this
+    process sees a GPU), else on the host."""
+    if gpus_per_stage == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if float(gpus_per_stage) == 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"runtime.gpus_per_stage: {gpus_per_stage} asks for a GPU and this process sees "
+            "none (0 runs on the host; 'auto' uses a GPU when there is one)"
+        )
+    return torch.device("cuda:0")
 
 
 def evaluate(stages: list[MethodStage], batches: Iterable[Batch]) -> dict[str, float]:
@@ -57,7 +72,6 @@ class LocalTrainer:
         out_dir: Path | None = None,
         resume: Cut | None = None,
         stop: StopRequest | None = None,
-        device: torch.device | str = "cpu",
     ) -> None:
         info = describe(dataset)
         self.cfg, self.balance = balanced(cfg, info.input_shape, info.num_classes, resume=resume)
@@ -66,6 +80,7 @@ class LocalTrainer:
         self.out_dir = out_dir
         self.checkpoints = out_dir / "checkpoints" if out_dir is not None else None
         self.stop = stop or StopRequest()
+        device = local_device(cfg.runtime.gpus_per_stage)
         self.stages = build_stages(cfg, info.input_shape, info.num_classes, device)
         self.start_step = 0
         if resume is not None:

@@ -35,7 +35,9 @@ def test_actors_with_workers_read_the_in_process_batches(digits: Dataset, tmp_pa
     cut = latest_cut(tmp_path / "checkpoints")
     assert cut is not None
     states = [_tensors(load_stage(cut, i, torch.device("cpu"))) for i in range(cut.num_stages)]
-    local_cfg = digits_config(*COMMON, CROPS, "runtime.backend=local")
+    # On the host, as the actors of this CPU cluster (a GPU would round otherwise).
+    host = ["runtime.backend=local", "runtime.gpus_per_stage=0"]
+    local_cfg = digits_config(*COMMON, CROPS, *host)
     local = LocalTrainer(local_cfg, load_data(local_cfg.data))
     _one_thread_reference(local)
     for actual, stage in zip(states, local.stages, strict=True):
@@ -44,7 +46,7 @@ def test_actors_with_workers_read_the_in_process_batches(digits: Dataset, tmp_pa
         for name, value in expected.items():
             torch.testing.assert_close(actual[name], value, rtol=1e-5, atol=1e-6, msg=name)
     # The crops matter: the same run on the digits as they are ends elsewhere.
-    plain = LocalTrainer(digits_config(*COMMON, "runtime.backend=local"), digits)
+    plain = LocalTrainer(digits_config(*COMMON, *host), digits)
     _one_thread_reference(plain)
     plain_state = _tensors(plain.stages[0].state_dict())
     assert any(not torch.allclose(v, states[0][k]) for k, v in plain_state.items())

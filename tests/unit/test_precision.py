@@ -27,18 +27,18 @@ STEPS = 40
 
 def losses(precision: str, method: str, digits: Dataset, device: str = "cpu") -> list[float]:
     """The last stage's training loss at each of STEPS steps, checking that the blocks ran in
-    ``precision``. fp16 is refused for runtime.backend=local (a CPU trainer); on a GPU the
-    in-process trainer takes it with runtime.backend=ray, a key it does not read."""
-    backend = "ray" if device == "cuda" else "local"
+    ``precision`` on ``device`` (the in-process trainer's: runtime.gpus_per_stage)."""
+    gpus = 1 if device == "cuda" else 0
     cfg = small_config(
         [
             f"method.name={method}",
             f"train.precision={precision}",
             f"train.steps={STEPS}",
-            f"runtime.backend={backend}",
+            f"runtime.gpus_per_stage={gpus}",
         ]
     )
-    trainer = LocalTrainer(cfg, digits, device=device)
+    trainer = LocalTrainer(cfg, digits)
+    assert trainer.stages[0].device.type == device
     seen: list[torch.dtype] = []
     linear = next(m for m in trainer.stages[0].module.modules() if isinstance(m, nn.Linear))
     linear.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
@@ -100,15 +100,16 @@ def test_an_overflowed_update_is_skipped_and_the_scale_lowered() -> None:
     assert optim.state_dict()["scaler"]["scale"] == 2.0**9
 
 
-def test_fp16_is_refused_without_a_cuda_device(tmp_path: Path) -> None:
+def test_fp16_is_refused_without_a_cuda_device(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(ConfigError, match=r"train\.precision: fp16 needs a CUDA device"):
         Precision("fp16", "cpu")
-    with pytest.raises(ConfigError, match=r"train\.precision: fp16 needs a CUDA device"):
-        parse_config({}, ["train.precision=fp16", "runtime.backend=local"])
     with pytest.raises(ConfigError, match=r"train\.precision: must be one of: fp32, bf16, fp16"):
         parse_config({}, ["train.precision=fp8"])
     argv = ["train", str(DIGITS_CONFIG), "train.precision=fp16", "runtime.backend=local"]
-    assert main([*argv, "--out", str(tmp_path / "r")]) == 2
+    assert main([*argv, "runtime.gpus_per_stage=0", "--out", str(tmp_path / "r")]) == 2
+    assert "train.precision: fp16 needs a CUDA device" in capsys.readouterr().err
 
 
 def test_fp32_has_no_scaler_state(digits: Dataset) -> None:
