@@ -18,10 +18,10 @@ import os
 import pickle
 import tarfile
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 import torch
@@ -95,8 +95,8 @@ def describe(dataset: Data) -> DatasetInfo:
             dataset.name,
             sample_shape(dataset),
             dataset.num_classes,
-            len(dataset.train),  # type: ignore[arg-type]
-            len(dataset.test),  # type: ignore[arg-type]
+            len(cast(Sized, dataset.train)),
+            len(cast(Sized, dataset.test)),
         )
     return DatasetInfo(
         dataset.name,
