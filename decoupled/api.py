@@ -29,7 +29,7 @@ from decoupled.config import (
     parse_config,
     save_config,
 )
-from decoupled.data import dataset_info, load_dataset
+from decoupled.data import dataset_info, load_data
 from decoupled.interrupt import StopRequest
 from decoupled.metrics import write_summary
 from decoupled.run_folder import RunFolderError, new_default, prepare
@@ -116,7 +116,7 @@ def run_training(
     elif cfg.runtime.backend == "local":
         from decoupled.local import LocalTrainer
 
-        trainer = LocalTrainer(cfg, load_dataset(cfg.data), out_dir, resume=resume, stop=stop)
+        trainer = LocalTrainer(cfg, load_data(cfg.data), out_dir, resume=resume, stop=stop)
         summary = trainer.run()
     else:
         from decoupled.ray_runtime.controller import train_on_ray

@@ -8,6 +8,7 @@ from decoupled.config import Config
 from decoupled.methods import MethodStage, StageContext, method_for
 from decoupled.models import activation_shapes, build_stage_modules
 from decoupled.optim import StageOptimizer, build_optimizer
+from decoupled.precision import Precision
 from decoupled.stage import Stage
 
 
@@ -37,8 +38,11 @@ def build_stage(
     shapes = activation_shapes(modules, input_shape)
     part = 0 if method.replicas else index
     module = modules[part]
-    optimizer = StageOptimizer(build_optimizer(module.parameters(), cfg.optim, index), cfg.optim)
-    stage = Stage(index, k, module, optimizer, device)
+    precision = Precision(cfg.train.precision, device)
+    optimizer = StageOptimizer(
+        build_optimizer(module.parameters(), cfg.optim, index), cfg.optim, precision.scaler()
+    )
+    stage = Stage(index, k, module, optimizer, device, precision)
     return method.build_stage(stage, StageContext(shapes[part], num_classes, cfg.seed))
 
 

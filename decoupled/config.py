@@ -69,6 +69,9 @@ class DataConfig:
     batch_size: int = field(default=64, metadata={"min": 1})
     eval_batch_size: int = field(default=512, metadata={"min": 1})
     download: bool = False
+    # DataLoader worker processes reading the map-style torch Datasets a data.name factory
+    # returns, in stage 0's actor (0: in the stage's own process); batches do not depend on it.
+    workers: int = field(default=0, metadata={"min": 0})
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
 
@@ -169,6 +172,9 @@ class TrainConfig:
     eval_every: int = field(default=0, metadata={"min": 0})  # steps; 0 = at the end of each epoch
     log_every: int = field(default=10, metadata={"min": 1})
     progress: bool = True
+    # Autocast of every stage's forward pass, loss and synthesizer: bf16 (CPU or GPU), fp16
+    # (GPU only, with a loss scaler per stage); weights and boundary activations stay fp32.
+    precision: str = field(default="fp32", metadata=_choices("fp32", "bf16", "fp16"))
 
 
 @dataclass
@@ -555,6 +561,17 @@ def _cross_check(cfg: Config, found: _Found) -> None:
             "model.name",
             f"{model.name} convolves images, but data.name=teacher gives vectors: "
             "use model.name=fcn",
+        )
+
+    precision = cfg.train.precision
+    if valid("train.precision", "model.name") and precision != "fp32" and model.name == "lstm":
+        add("train.precision", "model.name=lstm trains in fp32 only (for now)")
+
+    if valid("data.workers", "data.name") and cfg.data.workers and ":" not in cfg.data.name:
+        add(
+            "data.workers",
+            f"reads the torch Datasets of a data.name factory ('module:function'); "
+            f"{cfg.data.name} is in memory and read by indexing: leave it at 0",
         )
 
     gpus = cfg.runtime.gpus_per_stage

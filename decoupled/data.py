@@ -1,10 +1,12 @@
 """Datasets as in-memory tensors, and a step-addressed training stream.
 
 Images come from standard files in ``data.root`` (``decoupled/fetch.py`` fetches the ones a
-package registry ships); ``teacher`` is generated (``decoupled/teacher.py``). Every supported
+package registry ships); ``teacher`` is generated (``decoupled/teacher.py``). Every built-in
 dataset fits in memory, so a split is one standardised tensor and batching is
 indexing. ``TrainStream.batch(step)`` is a pure function of ``(seed, step)``: a resumed run needs
-only the step count to see exactly the data it would have seen without the interruption.
+only the step count to see exactly the data it would have seen without the interruption. A
+``data.name`` factory may return map-style torch Datasets instead (``decoupled/loader.py``):
+``load_data``, ``train_stream`` and ``eval_source`` take either kind.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import os
 import pickle
 import tarfile
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, cast
 
 import numpy as np
 import torch
@@ -26,6 +29,14 @@ import torch
 from decoupled.config import DATASETS, ConfigError, DataConfig
 from decoupled.factories import is_factory, load_factory
 from decoupled.fetch import IDX_FILES, SOURCES, FetchError, fetch
+from decoupled.loader import (
+    LoaderStream,
+    MapData,
+    as_map_data,
+    epoch_seed,
+    loader_eval_batches,
+    sample_shape,
+)
 from decoupled.teacher import generate_teacher
 
 
@@ -74,7 +85,19 @@ class DatasetInfo:
     test_size: int
 
 
-def describe(dataset: Dataset) -> DatasetInfo:
+Data = Dataset | MapData  # what a trainer reads: tensors, or map-style torch Datasets
+
+
+def describe(dataset: Data) -> DatasetInfo:
+    if isinstance(dataset, MapData):
+        # Lengths and (unless given) one sample's shape: the samples stay where they are.
+        return DatasetInfo(
+            dataset.name,
+            sample_shape(dataset),
+            dataset.num_classes,
+            len(cast(Sized, dataset.train)),
+            len(cast(Sized, dataset.test)),
+        )
     return DatasetInfo(
         dataset.name,
         dataset.input_shape,
@@ -89,7 +112,7 @@ def dataset_info(cfg: DataConfig) -> DatasetInfo:
     the format allows (the IDX files: headers and sizes); otherwise loaded and described.
     The Ray driver uses it: stage 0 loads the samples on its own node."""
     if cfg.name not in IDX_DATASETS or cfg.download:
-        return describe(load_dataset(cfg))
+        return describe(load_data(cfg))
     root = Path(cfg.root)
     sizes: dict[str, list[int]] = {}
     for key, base in IDX_FILES.items():
@@ -105,11 +128,23 @@ def dataset_info(cfg: DataConfig) -> DatasetInfo:
     return DatasetInfo(cfg.name, (1, rows, cols), 10, sizes["train_y"][0], sizes["test_y"][0])
 
 
+def load_data(cfg: DataConfig) -> Data:
+    """What a trainer reads: ``load_dataset``'s tensors, or the torch Datasets a ``data.name``
+    factory returned."""
+    return user_dataset(cfg) if is_factory(cfg.name) else load_dataset(cfg)
+
+
 def load_dataset(cfg: DataConfig) -> Dataset:
     """Load ``cfg.name`` from ``cfg.root`` (downloading first if asked and needed), standardised."""
     num_classes = 10
     if is_factory(cfg.name):
-        return user_dataset(cfg)
+        data = user_dataset(cfg)
+        if isinstance(data, MapData):
+            raise ConfigError(
+                f"data.name: {cfg.name} returned torch Datasets, and this needs the whole set "
+                "as tensors (train through decoupled.train or the CLI, which read them by step)"
+            )
+        return data
     if cfg.name == "digits":
         splits = _load_digits()
     elif cfg.name in IDX_DATASETS:
@@ -141,16 +176,25 @@ def load_dataset(cfg: DataConfig) -> Dataset:
 Splits = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def user_dataset(cfg: DataConfig) -> Dataset:
+def user_dataset(cfg: DataConfig) -> Data:
     """``data.name: "module:function"``: what the user's function returns, as it is (no
-    standardisation: their data, their preprocessing), checked for shapes and labels."""
+    standardisation: their data, their preprocessing), checked for shapes and labels; torch
+    Datasets are checked for random access and a class count (``loader.as_map_data``)."""
     made = load_factory(cfg.name, "data.name")(cfg)
+    mapped = as_map_data(made, cfg.name)
+    if mapped is not None:
+        return mapped
+    if cfg.workers:
+        raise ConfigError(
+            f"data.workers: {cfg.name} returned tensors, read by indexing in stage 0's process; "
+            "workers read torch Datasets: leave it at 0"
+        )
     if isinstance(made, Dataset):
         return made
     if not (isinstance(made, tuple | list) and len(made) == 4):
         raise ConfigError(
-            f"data.name: {cfg.name} must return a Dataset or (train_x, train_y, test_x, test_y), "
-            f"got {type(made).__name__}"
+            f"data.name: {cfg.name} must return a Dataset, (train_x, train_y, test_x, test_y), "
+            f"or map-style torch Datasets (train, test); got {type(made).__name__}"
         )
     train_x, train_y, test_x, test_y = (torch.as_tensor(t) for t in made)
     if len(train_x) != len(train_y) or len(test_x) != len(test_y):
@@ -375,6 +419,33 @@ def _download_cifar10(root: Path) -> None:
         ) from e
 
 
+Batch = tuple[torch.Tensor, torch.Tensor]  # x (B, ...), y (B,) int64
+
+
+class BatchStream(Protocol):
+    """Training batches by global step: what stage 0 reads."""
+
+    steps_per_epoch: int
+
+    def batch(self, step: int) -> Batch: ...
+
+
+def train_stream(data: Data, cfg: DataConfig, seed: int) -> TrainStream | LoaderStream:
+    """The training batches of ``data`` by step, both kinds a function of ``(seed, step)``."""
+    if isinstance(data, MapData):
+        return LoaderStream(data.train, cfg.batch_size, seed, cfg.workers)
+    return TrainStream(data.train_x, data.train_y, cfg.batch_size, seed)
+
+
+def eval_source(data: Data, cfg: DataConfig, seed: int) -> Callable[[], Iterator[Batch]]:
+    """The test set in ``data.eval_batch_size`` batches, in order, afresh at every call."""
+    if isinstance(data, MapData):
+        test = data.test
+        return lambda: loader_eval_batches(test, cfg.eval_batch_size, seed, cfg.workers)
+    x, y = data.test_x, data.test_y
+    return lambda: eval_batches(x, y, cfg.eval_batch_size)
+
+
 class TrainStream:
     """Deterministic endless stream of training batches addressed by global step.
 
@@ -394,7 +465,7 @@ class TrainStream:
 
     def _epoch_seed(self, epoch: int) -> int:
         # Spread (seed, epoch) over 64 bits so neighbouring seeds do not share epoch orders.
-        return (self.seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9) % (1 << 63)
+        return epoch_seed(self.seed, epoch)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch ``step``: x (B, C, H, W), y (B,)."""
@@ -419,4 +490,17 @@ def eval_batches(
         yield x[start : start + batch_size], y[start : start + batch_size]
 
 
-__all__ = ["DataError", "Dataset", "TrainStream", "eval_batches", "load_dataset", "read_idx"]
+__all__ = [
+    "BatchStream",
+    "Data",
+    "DataError",
+    "Dataset",
+    "MapData",
+    "TrainStream",
+    "eval_batches",
+    "eval_source",
+    "load_data",
+    "load_dataset",
+    "read_idx",
+    "train_stream",
+]

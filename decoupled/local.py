@@ -9,6 +9,7 @@ s + ``method.delay``. With delay 0 and a perfect synthesizer DNI is exactly back
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from decoupled.build import build_stages
 from decoupled.channel import BackwardMessage, DelayLine
 from decoupled.checkpoint import Cut, commit_cut, load_stage, save_stage
 from decoupled.config import Config, ConfigError, config_to_dict
-from decoupled.data import Dataset, TrainStream, eval_batches
+from decoupled.data import Batch, Data, describe, eval_source, train_stream
 from decoupled.interrupt import Interrupted, StopRequest
 from decoupled.methods import MethodStage, Sends, method_for
 from decoupled.metrics import (
@@ -49,10 +50,10 @@ def local_device(gpus_per_stage: float | str) -> torch.device:
     return torch.device("cuda:0")
 
 
-def evaluate(stages: list[MethodStage], dataset: Dataset, batch_size: int) -> dict[str, float]:
+def evaluate(stages: list[MethodStage], batches: Iterable[Batch]) -> dict[str, float]:
     """Test-split loss and accuracy through the stages in order (batch-norm in inference mode)."""
     loss_sum, correct, seen = 0.0, 0, 0
-    for x, y in eval_batches(dataset.test_x, dataset.test_y, batch_size):
+    for x, y in batches:
         h = x
         for stage in stages:
             h = stage.evaluate(h)
@@ -67,27 +68,26 @@ class LocalTrainer:
     def __init__(
         self,
         cfg: Config,
-        dataset: Dataset,
+        dataset: Data,
         out_dir: Path | None = None,
         resume: Cut | None = None,
         stop: StopRequest | None = None,
     ) -> None:
-        self.cfg, self.balance = balanced(
-            cfg, dataset.input_shape, dataset.num_classes, resume=resume
-        )
+        info = describe(dataset)
+        self.cfg, self.balance = balanced(cfg, info.input_shape, info.num_classes, resume=resume)
         cfg = self.cfg
-        self.dataset = dataset
+        self.test_batches = eval_source(dataset, cfg.data, cfg.seed)
         self.out_dir = out_dir
         self.checkpoints = out_dir / "checkpoints" if out_dir is not None else None
         self.stop = stop or StopRequest()
         device = local_device(cfg.runtime.gpus_per_stage)
-        self.stages = build_stages(cfg, dataset.input_shape, dataset.num_classes, device)
+        self.stages = build_stages(cfg, info.input_shape, info.num_classes, device)
         self.start_step = 0
         if resume is not None:
             for stage in self.stages:
                 stage.load_state_dict(load_stage(resume, stage.index, stage.device))
             self.start_step = resume.step
-        self.stream = TrainStream(dataset.train_x, dataset.train_y, cfg.data.batch_size, cfg.seed)
+        self.stream = train_stream(dataset, cfg.data, cfg.seed)
         self.schedule = Schedule.from_config(
             cfg.train, self.stream.steps_per_epoch, cfg.checkpoint.every
         )
@@ -160,7 +160,7 @@ class LocalTrainer:
                     last_train_loss = record.get("train_loss", last_train_loss)
                     log.write(record)
                 if schedule.evaluate_after(seq):
-                    test = evaluate(self.stages, self.dataset, self.cfg.data.eval_batch_size)
+                    test = evaluate(self.stages, self.test_batches())
                     log.write(
                         {
                             "event": "eval",

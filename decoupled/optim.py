@@ -60,9 +60,17 @@ def lr_factor(update: int, cfg: OptimConfig, total: int) -> float:
 class StageOptimizer:
     """A stage's torch optimizer with the schedule, clipping and accumulation of ``cfg``."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        cfg: OptimConfig,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
         self.optimizer = optimizer
         self.cfg = cfg
+        # fp16's loss scaler (decoupled/precision.py): the gradients arrive multiplied by its
+        # scale; a disabled one passes everything through.
+        self.scaler = scaler if scaler is not None else torch.amp.GradScaler("cpu", enabled=False)
         self.base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
         self.total_updates = 0  # the run's length in updates, for the cosine; set_total()
         self.updates = 0  # optimizer steps taken
@@ -82,6 +90,8 @@ class StageOptimizer:
         self._accumulated += 1
         if self._accumulated < self.cfg.accumulate:
             return False
+        # True-sized gradients from here on (the scale is the same for every pass summed).
+        self.scaler.unscale_(self.optimizer)
         if self.cfg.accumulate > 1:
             for p in self.params:
                 if p.grad is not None:
@@ -93,17 +103,21 @@ class StageOptimizer:
         factor = lr_factor(self.updates, self.cfg, self.total_updates)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
             group["lr"] = base * factor
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # skipped when an fp16 gradient overflowed
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
         return True
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "optimizer": self.optimizer.state_dict(),
             "updates": self.updates,
             "accumulated": self._accumulated,
         }
+        if self.scaler.is_enabled():
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """A stage state saved before this wrapper existed holds the torch optimizer's state
@@ -114,3 +128,5 @@ class StageOptimizer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.updates = int(state["updates"])
         self._accumulated = int(state["accumulated"])
+        if self.scaler.is_enabled() and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])

@@ -33,7 +33,7 @@ from decoupled.channel import (
     Receiver,
     Sender,
 )
-from decoupled.data import TrainStream, eval_batches
+from decoupled.data import Batch, BatchStream
 from decoupled.devices import gpu_figures
 from decoupled.methods import MethodStage, Sends
 from decoupled.schedule import Schedule
@@ -143,8 +143,8 @@ class StageRunner:
         forward_out: Sender | None = None,
         backward_in: Receiver | None = None,
         backward_out: Sender | None = None,
-        stream: TrainStream | None = None,
-        test: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+        stream: BatchStream | None = None,
+        test: Callable[[], Iterator[Batch]] | None = None,
         num_test_samples: int = 0,
         start_step: int = 0,
         dropped_targets: Callable[[], int] = lambda: 0,
@@ -389,8 +389,7 @@ class StageRunner:
             self._probe(ForwardMessage(step + 1, Kind.PROBE, x, y))
         if not schedule.evaluate_after(step) or self.test is None:
             return
-        x, y, batch_size = self.test
-        for x_b, y_b in eval_batches(x, y, batch_size):
+        for x_b, y_b in self.test():
             self._evaluate(ForwardMessage(step + 1, Kind.EVAL, x_b, y_b))
 
     def _checkpoint(self, step: int) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections import Counter, deque
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from decoupled.optim import StageOptimizer
+from decoupled.precision import Precision
 
 
 class NonFiniteError(RuntimeError):
@@ -159,12 +161,14 @@ class Stage:
         module: nn.Module,
         optimizer: StageOptimizer,
         device: torch.device | str = "cpu",
+        precision: Precision | None = None,
     ) -> None:
         self.index = index
         self.num_stages = num_stages
         self.device = torch.device(device)
         self.module = module.to(self.device)
         self.optimizer = optimizer
+        self.precision = precision if precision is not None else Precision("fp32", self.device)
         self.stats = StageStats()
 
     @property
@@ -182,7 +186,23 @@ class Stage:
         if not self.is_first:
             x.requires_grad_(True)
         self.module.train()
-        return x, self.module(x)
+        with self.autocast():
+            h: torch.Tensor = self.module(x)
+        return x, h.float()  # fp32 on the boundary: the next stage and the synthesizer see it
+
+    def autocast(self) -> AbstractContextManager[object]:
+        """The context of this stage's forward passes (``train.precision``)."""
+        return self.precision.autocast()
+
+    def backward(self, outputs: torch.Tensor, grad: torch.Tensor | None = None) -> None:
+        """Backpropagate a loss, or outputs (B, ...) with their gradient, multiplied by the
+        stage's loss scale (fp16; 1 otherwise): the update unscales the parameters'
+        gradients, ``input_gradient`` the input's."""
+        scaler = self.optimizer.scaler
+        if grad is None:
+            torch.autograd.backward(scaler.scale(outputs))
+        else:
+            torch.autograd.backward(outputs, scaler.scale(grad))
 
     def loss(
         self, logits: torch.Tensor, labels: torch.Tensor, seq: int
@@ -203,10 +223,16 @@ class Stage:
         the schedule's learning rate and clipping); the gradients start from zero after it."""
         self.optimizer.update()
 
-    @staticmethod
-    def input_gradient(x: torch.Tensor) -> torch.Tensor | None:
-        """The gradient the last backward pass left on this stage's input (None at stage 0)."""
-        return x.grad if x.requires_grad else None
+    def input_gradient(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The gradient the last backward pass left on this stage's input (None at stage 0),
+        unscaled: what goes back to the previous stage is never multiplied by this one's
+        loss scale."""
+        if not x.requires_grad:
+            return None
+        grad, scaler = x.grad, self.optimizer.scaler
+        if grad is None or not scaler.is_enabled():
+            return grad
+        return grad / scaler.get_scale()
 
     def count(self, batch: int, start: float, step: bool = True) -> None:
         """Book ``batch`` samples of compute that began at ``start`` (perf_counter); ``step``:
@@ -219,8 +245,9 @@ class Stage:
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
         """Inference with batch-norm running statistics; x: (B, ...) -> this stage's output."""
         self.module.eval()
-        out: torch.Tensor = self.module(x.to(self.device, non_blocking=True))
-        return out
+        with self.autocast():
+            out: torch.Tensor = self.module(x.to(self.device, non_blocking=True))
+        return out.float()
 
     def state_dict(self) -> dict[str, Any]:
         return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}

@@ -22,7 +22,7 @@ class LossStage(MethodStage):
         stage = self.stage
         x, logits = stage.forward(x)
         loss, _ = stage.loss(logits, labels, seq)
-        torch.autograd.backward(loss)
+        stage.backward(loss)
         stage.update()
         stage.count(x.shape[0], start)
         return Sends(backward=stage.input_gradient(x))

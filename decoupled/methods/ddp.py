@@ -56,8 +56,10 @@ class ReplicaStage(MethodStage):
         rows = slice(stage.index * shard, (stage.index + 1) * shard)
         x, labels = x[rows].to(stage.device, non_blocking=True), labels[rows]
         stage.module.train()
-        loss, _ = stage.loss(self._ddp(x), labels, seq)
-        torch.autograd.backward(loss)  # DDP averages the gradients over the replicas here
+        with stage.autocast():
+            logits = self._ddp(x)
+        loss, _ = stage.loss(logits.float(), labels, seq)
+        stage.backward(loss)  # DDP averages the gradients over the replicas here
         stage.update()
         stage.count(x.shape[0], start)
         return Sends()

@@ -49,7 +49,8 @@ class StashingStage(MethodStage):
         # module's own are updated from the copies, as a plain forward pass would update them.
         buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
         module.train()
-        h = functional_call(module, {**params, **buffers}, (x,))
+        with stage.autocast():
+            h = functional_call(module, {**params, **buffers}, (x,)).float()
         check_finite(h.detach(), "activation", stage.index, seq)
         with torch.no_grad():
             for name, live in module.named_buffers():
@@ -69,13 +70,13 @@ class StashingStage(MethodStage):
             stage.stats.targets_expired += 1
             return Sends()
         start = time.perf_counter()
-        torch.autograd.backward(stash.h, grad.to(stage.device, non_blocking=True))
+        stage.backward(stash.h, grad.to(stage.device, non_blocking=True))
         for name, p in stage.module.named_parameters():
             p.grad = stash.params[name].grad
         stage.update()
         stage.stats.record_staleness(self._last_seq - seq)
         stage.stats.compute_s += time.perf_counter() - start
-        return Sends(backward=stash.x.grad if stash.x.requires_grad else None)
+        return Sends(backward=stage.input_gradient(stash.x))
 
     def held(self) -> int:
         return len(self.stashes)

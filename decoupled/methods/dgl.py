@@ -64,13 +64,14 @@ class GreedyStage(MethodStage):
         stage = self.stage
         stage.module.train()
         x = x.to(stage.device, non_blocking=True)  # detached: nothing goes back
-        h = stage.module(x)
-        logits = h if self.head is None else self.head(h)
-        loss, _ = stage.loss(logits, labels, seq)
-        torch.autograd.backward(loss)
+        with stage.autocast():
+            h = stage.module(x)
+            logits = h if self.head is None else self.head(h)
+        loss, _ = stage.loss(logits.float(), labels, seq)
+        stage.backward(loss)
         stage.update()
         stage.count(x.shape[0], start)
-        return Sends(forward=None if stage.is_last else h.detach())
+        return Sends(forward=None if stage.is_last else h.detach().float())
 
     def state_dict(self) -> dict[str, Any]:
         state = self.stage.state_dict()
@@ -98,5 +99,7 @@ class DGL(Method):
         # The head learns with the stage: one optimizer over both.
         params = [*stage.module.parameters(), *head.parameters()]
         optim = self.cfg.optim
-        stage.optimizer = StageOptimizer(build_optimizer(params, optim, stage.index), optim)
+        stage.optimizer = StageOptimizer(
+            build_optimizer(params, optim, stage.index), optim, stage.optimizer.scaler
+        )
         return GreedyStage(stage, head)

@@ -43,6 +43,8 @@ class SynthesizerStage(MethodStage):
         super().__init__(stage)
         self.synthesizer = synthesizer.to(stage.device)
         self.sg_optimizer = sg_optimizer
+        # The synthesizer's own fp16 loss scaler (a pass-through otherwise).
+        self.sg_scaler = stage.precision.scaler()
         self.scale = scale
         self.history = ActivationHistory(history)
         self.train_every = train_every
@@ -55,10 +57,10 @@ class SynthesizerStage(MethodStage):
         labels = labels.to(stage.device, non_blocking=True)
         x, h = stage.forward(x)
         check_finite(h.detach(), "activation", stage.index, seq)
-        with torch.no_grad():
-            prediction = self.synthesizer(h.detach(), labels)
+        with torch.no_grad(), stage.autocast():
+            prediction = self.synthesizer(h.detach(), labels).float()
         check_finite(prediction, "synthetic gradient", stage.index, seq)
-        torch.autograd.backward(h, self.scale * prediction if self.scale != 1.0 else prediction)
+        stage.backward(h, self.scale * prediction if self.scale != 1.0 else prediction)
         stage.update()
         if seq % self.train_every == 0:  # only the steps whose target trains M are kept
             self.history.put(seq, h.detach(), labels)
@@ -79,15 +81,22 @@ class SynthesizerStage(MethodStage):
             return Sends()
         start = time.perf_counter()
         target = grad.to(self.stage.device, non_blocking=True)
-        prediction = self.synthesizer(entry.activations, entry.labels)
+        if self.sg_scaler.is_enabled() and not torch.isfinite(target).all():
+            # fp16: the next stage's gradient overflowed (its scaler skips that update and
+            # lowers its scale); a target that is not a number is dropped, not fitted.
+            stats.targets_expired += 1
+            return Sends()
+        with self.stage.autocast():
+            prediction = self.synthesizer(entry.activations, entry.labels).float()
         loss = fit_loss(prediction, target)
         sg_loss = float(loss.detach())
         if not math.isfinite(sg_loss):
             # An inf/NaN target (an overflowed true gradient, say) would poison M in one step.
             raise NonFiniteError(f"stage {self.index}: non-finite SG loss at step {seq}")
         self.sg_optimizer.zero_grad(set_to_none=True)
-        torch.autograd.backward(loss)
-        self.sg_optimizer.step()
+        torch.autograd.backward(self.sg_scaler.scale(loss))
+        self.sg_scaler.step(self.sg_optimizer)
+        self.sg_scaler.update()
         cosine = float(F.cosine_similarity(prediction.detach().flatten(), target.flatten(), dim=0))
         stats.record_sg_fit(sg_loss, cosine, staleness=self._last_seq - seq)
         elapsed = time.perf_counter() - start
@@ -97,23 +106,29 @@ class SynthesizerStage(MethodStage):
 
     @torch.no_grad()
     def predicted_gradient(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        prediction: torch.Tensor = self.synthesizer(h, labels)
-        return self.scale * prediction
+        with self.stage.autocast():
+            prediction: torch.Tensor = self.synthesizer(h, labels)
+        return self.scale * prediction.float()
 
     def held(self) -> int:
         return len(self.history)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             **self.stage.state_dict(),
             "synthesizer": self.synthesizer.state_dict(),
             "sg_optimizer": self.sg_optimizer.state_dict(),
         }
+        if self.sg_scaler.is_enabled():
+            state["sg_scaler"] = self.sg_scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.stage.load_state_dict(state)
         self.synthesizer.load_state_dict(state["synthesizer"])
         self.sg_optimizer.load_state_dict(state["sg_optimizer"])
+        if self.sg_scaler.is_enabled() and "sg_scaler" in state:
+            self.sg_scaler.load_state_dict(state["sg_scaler"])
         self.history.clear()
 
 

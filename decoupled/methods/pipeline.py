@@ -34,14 +34,14 @@ class PipelineStage(MethodStage):
             stage.count(x.shape[0], start, step=False)
             return Sends(forward=h.detach())
         loss, _ = stage.loss(h, labels, seq)
-        torch.autograd.backward(loss / self.micro_batches)
+        stage.backward(loss / self.micro_batches)
         stage.count(x.shape[0], start, step=False)
         return Sends(backward=stage.input_gradient(x))
 
     def backward(self, seq: int, grad: torch.Tensor) -> Sends:
         start = time.perf_counter()
         x, h = self._held.pop(seq)
-        torch.autograd.backward(h, grad.to(self.stage.device, non_blocking=True))
+        self.stage.backward(h, grad.to(self.stage.device, non_blocking=True))
         self.stage.stats.compute_s += time.perf_counter() - start
         return Sends(backward=self.stage.input_gradient(x))
 

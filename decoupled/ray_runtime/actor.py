@@ -19,7 +19,7 @@ from decoupled.build import build_stage
 from decoupled.channel import Policy, Receiver, Sender
 from decoupled.checkpoint import Cut, load_stage, save_stage
 from decoupled.config import parse_config
-from decoupled.data import TrainStream, load_dataset
+from decoupled.data import eval_source, load_data, train_stream
 from decoupled.methods import method_for
 from decoupled.ray_runtime.transport_ray import OrderedInbox, RaySender, WireMessage
 from decoupled.ray_runtime.transport_torch import (
@@ -128,11 +128,11 @@ class StageActor:
             start_step = resume.step
         stream = test = None
         if self.stage.is_first:  # stage 0 of a chain; every replica
-            dataset = load_dataset(cfg.data)
-            stream = TrainStream(dataset.train_x, dataset.train_y, cfg.data.batch_size, cfg.seed)
+            dataset = load_data(cfg.data)
+            stream = train_stream(dataset, cfg.data, cfg.seed)
             # One stage sends the test set through: stage 0 of a chain, the last replica.
             if self.index == (self.num_stages - 1 if self.replicas else 0):
-                test = (dataset.test_x, dataset.test_y, cfg.data.eval_batch_size)
+                test = eval_source(dataset, cfg.data, cfg.seed)
         schedule = Schedule.from_config(cfg.train, steps_per_epoch, cfg.checkpoint.every)
         self.stage.stage.optimizer.set_total(schedule.total_steps)
         settings = RunnerSettings(

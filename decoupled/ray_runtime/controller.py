@@ -151,6 +151,11 @@ class RayJob:
         self.resources = res = plan_resources(
             k, cfg.runtime.gpus_per_stage, cfg.runtime.cpus_per_stage, gpus
         )
+        if cfg.train.precision == "fp16" and res.gpus == 0:
+            raise ConfigError(
+                "train.precision: fp16 needs a CUDA device for its loss scaling, and the stages "
+                f"get none here (the cluster has {gpus:g} GPUs): use bf16 or fp32"
+            )
         bundle = res.bundle()
         selectors = bundle_selectors(k, self._excluded)
         self.pg = placement_group([bundle] * k, strategy="PACK", bundle_label_selector=selectors)

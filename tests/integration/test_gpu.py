@@ -150,3 +150,15 @@ def test_the_in_process_trainer_runs_on_the_gpu(tmp_path: Path) -> None:
     summary = _train(tmp_path, "stages=2", "train.steps=60", "runtime.backend=local")
     assert [s["device"] for s in summary["stages"]] == ["cuda:0", "cuda:0"]
     assert summary["test_accuracy"] > 0.8
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_cdni_on_a_shared_gpu(
+    gpu_cluster: int, tmp_path: Path, precision: str
+) -> None:
+    """Autocast on the actors' GPU, fp16 with its loss scalers (checkpointed with the stages):
+    the run learns as the fp32 one does."""
+    common = ["method.name=cdni", "stages=2", "train.epochs=5", "runtime.gpus_per_stage=0.5"]
+    mixed = _train(tmp_path / precision, *common, f"train.precision={precision}")
+    assert [s["device"] for s in mixed["stages"]] == ["cuda:0", "cuda:0"]
+    assert mixed["test_accuracy"] > 0.9

@@ -11,7 +11,7 @@ import torch
 from decoupled.build import build_stages
 from decoupled.channel import LocalChannel, Policy
 from decoupled.config import Config
-from decoupled.data import Dataset, TrainStream
+from decoupled.data import Dataset, TrainStream, eval_batches
 from decoupled.local import LocalTrainer
 from decoupled.methods import method_for
 from decoupled.methods.dni import SynthesizerStage
@@ -53,7 +53,7 @@ def run_threads(cfg: Config, digits: Dataset, capacity: int = 2) -> list[StageRu
                 stage,
                 settings,
                 stream=stream if i == 0 else None,
-                test=(digits.test_x, digits.test_y, 128) if i == 0 else None,
+                test=(lambda: eval_batches(digits.test_x, digits.test_y, 128)) if i == 0 else None,
                 num_test_samples=digits.test_y.shape[0],
                 dropped_targets=dropped(i),
                 **edges,
