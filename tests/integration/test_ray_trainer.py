@@ -22,12 +22,15 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_cluster")]
 
 _local_accuracy: dict[tuple[int, str], float] = {}
 EPOCHS = 5
+# The in-process references run on the host like the actors of this CPU-only cluster, also on a
+# machine with a GPU (where "auto" would put them on it).
+HOST = ("runtime.backend=local", "runtime.gpus_per_stage=0")
 
 
 def _local(digits: Dataset, stages: int, method: str, common: list[str]) -> float:
     key = (stages, method)
     if key not in _local_accuracy:
-        cfg = digits_config(*common, "runtime.backend=local")
+        cfg = digits_config(*common, *HOST)
         _local_accuracy[key] = LocalTrainer(cfg, digits).run()["test_accuracy"]
     return _local_accuracy[key]
 
@@ -97,7 +100,7 @@ def test_lockstep_actors_reproduce_the_in_process_trainer(
         *common, "runtime.lockstep=true", f"runtime.transport={transport}", "train.eval_every=2"
     )
     states = _states(cfg, digits, tmp_path)
-    local = LocalTrainer(digits_config(*common, "runtime.backend=local"), digits)
+    local = LocalTrainer(digits_config(*common, *HOST), digits)
     _one_thread_reference(local)
     assert len(states) == len(local.stages)
     for state, stage in zip(states, local.stages, strict=True):
@@ -106,7 +109,7 @@ def test_lockstep_actors_reproduce_the_in_process_trainer(
         for name, value in expected.items():
             torch.testing.assert_close(actual[name], value, rtol=1e-5, atol=1e-6, msg=name)
     if method == "pipeline":
-        ref = LocalTrainer(digits_config(*common, "method.name=backprop"), digits)
+        ref = LocalTrainer(digits_config(*common, "method.name=backprop", *HOST), digits)
         _one_thread_reference(ref)
         actual_values = [v for state in states for v in state["module"].values()]
         expected_values = list(ref.stages[0].state_dict()["module"].values())
@@ -126,7 +129,7 @@ def test_ddp_replicas_equal_backprop_on_the_global_batch(digits: Dataset, tmp_pa
     common = ["train.steps=12", "model.hidden=64", "model.batch_norm=false", "optim.lr=0.01"]
     cfg = digits_config(*common, "method.name=ddp", "stages=2", "train.eval_every=6")
     states = _states(cfg, digits, tmp_path)
-    ref = LocalTrainer(digits_config(*common, "method.name=backprop"), digits)
+    ref = LocalTrainer(digits_config(*common, "method.name=backprop", *HOST), digits)
     _one_thread_reference(ref)
     expected = _tensors(ref.stages[0].state_dict())
     assert len(states) == 2
