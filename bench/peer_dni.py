@@ -28,7 +28,9 @@ of a ``Linear(classes, hidden)`` that the project and the peer use),
 ``output-bias`` (the output layer's bias at PyTorch's default init, as in the peer),
 ``mean-loss`` (the synthesizer's squared error averaged over features as well as the batch, the
 project's earlier reduction, instead of summed over features as in the peer and the project now:
-for Adam the same as multiplying its eps by the width). And for the peer,
+for Adam the same as multiplying its eps by the width), ``label-bias`` (a second bias on the
+first layer at U(±1/sqrt(classes)), the bias of the peer's separate label layer). And for the
+peer,
 ``peer-pre-relu`` (its synthesizers before each hidden block's ReLU, where its example puts
 them, rather than after it).
 
@@ -69,7 +71,7 @@ from decoupled.synthesizer import Synthesizer
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("backprop", "dni", "cdni")
-PROJECT_VARIANTS = ("base", "concat", "label-unit", "output-bias", "mean-loss")
+PROJECT_VARIANTS = ("base", "concat", "label-unit", "output-bias", "mean-loss", "label-bias")
 PEER_VARIANTS = ("base", "peer-pre-relu")
 NPM_TRAIN, NPM_TEST = 8000, 2000
 
@@ -203,6 +205,14 @@ def apply_variant(trainer: LocalTrainer, variant: str, cfg: Config) -> None:
             nn.init.uniform_(out.bias, -bound, bound)
         elif variant == "mean-loss":
             pass  # only the optimizer changes, below
+        elif variant == "label-bias":
+            # The peer's label layer is an nn.Linear(classes, hidden) with a bias of its own:
+            # the first layer's pre-activation gets a second bias at U(±1/sqrt(classes)).
+            first = sg.net[0]
+            assert isinstance(first, nn.Linear) and first.bias is not None and sg.num_classes
+            bound = 1.0 / math.sqrt(sg.num_classes)
+            with torch.no_grad():
+                first.bias.add_(torch.empty_like(first.bias).uniform_(-bound, bound))
         elif variant != "base":
             raise ValueError(f"unknown project variant {variant!r}")
         assert stage.synthesizer is not None
