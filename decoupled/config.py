@@ -589,6 +589,22 @@ def _cross_check(cfg: Config, found: _Found) -> None:
             f"must be >= method.micro_batches ({_show(micro)}) for pipeline, got {_show(batch)}",
         )
 
+    # In process, a target reaches its stage a fixed number of steps after the forward pass
+    # (measured: tests/unit/test_config.py); a shorter history would drop every one of them.
+    method, delay, history = cfg.method.name, cfg.method.delay, cfg.method.sg.history
+    keys = ("method.name", "method.delay", "method.sg.history", "stages", "runtime.backend")
+    if valid(*keys) and cfg.runtime.backend == "local" and method in ("dni", "cdni", "delayed"):
+        # A synthesizer's target makes one hop; a true gradient crosses every later stage.
+        need = (stages - 1) * delay + 1 if method == "delayed" else delay + 1
+        if history < need:
+            hops = "stages - 1) x method.delay + 1" if method == "delayed" else "method.delay + 1"
+            add(
+                "method.sg.history",
+                f"{method} with method.delay={_show(delay)} needs at least "
+                f"{'(' if method == 'delayed' else ''}{hops} = {need} kept steps, or every "
+                f"target arrives after its step was dropped; got {_show(history)}",
+            )
+
     seen: set[int] = set()
     for i, override in enumerate(cfg.optim.per_stage):
         key = f"optim.per_stage[{i}].stage"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -43,6 +44,13 @@ def small_config(overrides: Sequence[str] = ()) -> Config:
         "model.boundaries=even",
     ]
     return parse_config({}, [*base, *overrides])
+
+
+def with_history(cfg: Config, history: int) -> Config:
+    """``cfg`` with ``method.sg.history`` set past the config check (which refuses a history
+    shorter than the in-process delay), to see what a target that comes too late does."""
+    sg = dataclasses.replace(cfg.method.sg, history=history)
+    return dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, sg=sg))
 
 
 @pytest.fixture

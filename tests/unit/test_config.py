@@ -24,6 +24,9 @@ from decoupled.config import (
     parse_config,
     save_config,
 )
+from decoupled.data import Dataset
+from decoupled.local import LocalTrainer
+from tests.conftest import with_history
 
 
 def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
@@ -560,3 +563,37 @@ def test_any_file_loads_or_raises_config_error(fuzz_dir: Path, text: str) -> Non
         load_config(path)
     except ConfigError as err:
         assert err.problems
+
+
+@pytest.mark.parametrize(
+    ("method", "stages", "delay", "need"),
+    [("cdni", 3, 2, 3), ("dni", 4, 1, 2), ("delayed", 3, 2, 5), ("delayed", 4, 3, 10)],
+)
+def test_a_history_shorter_than_the_in_process_delay_is_refused(
+    digits: Dataset, method: str, stages: int, delay: int, need: int
+) -> None:
+    """The bound is the one measured: at ``need`` no target expires, at ``need - 1`` they do
+    (which is why a config asking for it is refused)."""
+    common = [
+        "data.name=digits",
+        "model.layers=4",
+        "model.hidden=32",
+        "train.progress=false",
+        "model.boundaries=even",
+        "runtime.backend=local",
+        "runtime.gpus_per_stage=0",
+        f"method.name={method}",
+        f"stages={stages}",
+        f"method.delay={delay}",
+        "train.steps=30",
+    ]
+    with pytest.raises(ConfigError, match=rf"method\.sg\.history: .* = {need} kept steps"):
+        parse_config({}, [*common, f"method.sg.history={need - 1}"])
+    enough = parse_config({}, [*common, f"method.sg.history={need}"])
+    short = with_history(enough, need - 1)
+    expired = []
+    for cfg in (enough, short):
+        trainer = LocalTrainer(cfg, digits)
+        trainer.run()
+        expired.append(sum(s.stage.stats.targets_expired for s in trainer.stages))
+    assert expired[0] == 0 and expired[1] > 0
