@@ -57,6 +57,8 @@ SUMMARY_STAGE_KEYS = (
     "target_wait_s",
     "sg_updates",
     "sg_compute_s",
+    # Seconds this stage spent on probe batches (method.sg.probe_every): the probe's cost.
+    "probe_s",
     *(k for k in PER_STAGE_KEYS if k != "staleness_counts"),
 )
 OPTIONAL_STAGE_KEYS = frozenset({"restarts", "gpu_mem_mb", "gpu_max_mem_mb", "gpu_util"})

@@ -35,6 +35,7 @@ class StageStats:
     samples: int = 0
     compute_s: float = 0.0
     sg_compute_s: float = 0.0
+    probe_s: float = 0.0  # the probe's passes (on top of compute_s)
     sg_updates: int = 0
     targets_expired: int = 0
     staleness_counts: Counter[int] = field(default_factory=Counter)
@@ -85,6 +86,7 @@ class StageStats:
             "sg_true_rel_error": _mean(self.recent_true_error),
             "sg_updates": self.sg_updates,
             "sg_compute_s": self.sg_compute_s,
+            "probe_s": self.probe_s,
             "targets_expired": self.targets_expired,
             **staleness_figures(self.staleness_counts),
         }

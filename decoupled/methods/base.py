@@ -17,6 +17,7 @@ one process) know nothing of any method: adding one is a module in this package 
 from __future__ import annotations
 
 import copy
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -113,22 +114,28 @@ class MethodStage(ABC):
         its input. The pass runs on a copy of the stage's blocks, whose graph stays valid
         however many updates the stage makes before the gradient comes back, and whose
         batch-norm statistics are the copy's to change."""
-        stage = self.stage
-        module = copy.deepcopy(stage.module).train()
-        x = x.to(stage.device, non_blocking=True).requires_grad_(not self.is_first)
-        labels = labels.to(stage.device, non_blocking=True)
-        h = module(x)
-        if self.is_last:
-            loss = F.cross_entropy(h, labels)
-            return Sends(backward=torch.autograd.grad(loss, x)[0] if x.requires_grad else None)
-        self._probe = (seq, x, h, self.predicted_gradient(h.detach(), labels))
-        return Sends(forward=h.detach())
+        start = time.perf_counter()
+        try:
+            stage = self.stage
+            module = copy.deepcopy(stage.module).train()
+            x = x.to(stage.device, non_blocking=True).requires_grad_(not self.is_first)
+            labels = labels.to(stage.device, non_blocking=True)
+            h = module(x)
+            if self.is_last:
+                loss = F.cross_entropy(h, labels)
+                grad = torch.autograd.grad(loss, x)[0] if x.requires_grad else None
+                return Sends(backward=grad)
+            self._probe = (seq, x, h, self.predicted_gradient(h.detach(), labels))
+            return Sends(forward=h.detach())
+        finally:
+            self.stats.probe_s += time.perf_counter() - start
 
     def probe_backward(self, seq: int, grad: torch.Tensor) -> Sends:
         """The exact ∂L/∂h_i (B, ...) of probe batch ``seq``: compared with the gradient the
         method would have used at the time, then passed on through the copy's graph."""
         if self._probe is None or self._probe[0] != seq:
             return Sends()  # a probe this stage no longer holds (a restart in between)
+        start = time.perf_counter()
         _, x, h, predicted = self._probe
         self._probe = None
         grad = grad.to(self.device, non_blocking=True)
@@ -137,9 +144,9 @@ class MethodStage(ABC):
             cosine = F.cosine_similarity(predicted.flatten(), grad.flatten(), dim=0)
             error = (predicted - grad).norm() / grad.norm().clamp_min(1e-12)
             self.stats.record_probe(float(cosine), float(error))
-        if not x.requires_grad:
-            return Sends()
-        return Sends(backward=torch.autograd.grad(h, x, grad)[0])
+        sends = Sends(backward=torch.autograd.grad(h, x, grad)[0]) if x.requires_grad else Sends()
+        self.stats.probe_s += time.perf_counter() - start
+        return sends
 
     @property
     def probe_pending(self) -> bool:

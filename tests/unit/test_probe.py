@@ -78,3 +78,12 @@ def test_stage_loop_probe_gradient_is_autograds(digits: Dataset) -> None:
     )
     _check([r.stage for r in runners], digits)
     assert runners[0].poll().figures["sg_true_cosine"] is not None
+
+
+def test_the_probe_reports_its_cost(digits: Dataset) -> None:
+    """summary.json's probe_s: the time each stage spent on probe batches, zero without them."""
+    common = ["method.name=cdni", "stages=2", "train.steps=20", "runtime.gpus_per_stage=0"]
+    probed = LocalTrainer(small_config([*common, "method.sg.probe_every=5"]), digits).run()
+    plain = LocalTrainer(small_config([*common, "method.sg.probe_every=0"]), digits).run()
+    assert all(s["probe_s"] > 0 for s in probed["stages"])
+    assert all(s["probe_s"] == 0 for s in plain["stages"])
