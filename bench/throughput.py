@@ -135,6 +135,8 @@ def run_case(case: Case, cfg: Config, dataset: Dataset, quiet: float) -> dict[st
                 "compute_ms_per_step": 1e3 * (s.get("busy_fraction") or 0.0) * loop_s / steps,
                 "sg_ms_per_step": 1e3 * (s.get("sg_compute_s") or 0.0) / steps,
                 "input_wait_fraction": (s.get("input_wait_s") or 0.0) / loop_s if loop_s else 0.0,
+                # The synthetic-gradient probe (method.sg.probe_every): its share of the loop.
+                "probe_fraction": (s.get("probe_s") or 0.0) / loop_s if loop_s else 0.0,
             }
         )
     return {
@@ -200,15 +202,17 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         )
     lines += [
         "",
-        "| case | stage | busy | compute ms/step | SG ms/step | input wait | stage samples/s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| case | stage | busy | compute ms/step | SG ms/step | input wait | probe | "
+        "stage samples/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         for s in r["typical_run"]["stages"]:
             lines.append(
                 f"| {r['case']} | {s['index']} | {cell(s['busy_fraction'], '.2f')} | "
                 f"{cell(s['compute_ms_per_step'], '.1f')} | {cell(s['sg_ms_per_step'], '.1f')} "
-                f"| {cell(s['input_wait_fraction'], '.2f')} | {cell(s['samples_per_s'], '.0f')} |"
+                f"| {cell(s['input_wait_fraction'], '.2f')} | "
+                f"{cell(s.get('probe_fraction'), '.3f')} | {cell(s['samples_per_s'], '.0f')} |"
             )
     return "\n".join(lines)
 
