@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from decoupled.balance import balanced, summary_figures
 from decoupled.build import build_stages
@@ -32,19 +31,21 @@ from decoupled.metrics import (
 )
 from decoupled.runner import stage_summary_figures
 from decoupled.schedule import Schedule
+from decoupled.stage import correct_predictions, cross_entropy
 
 
 def evaluate(stages: list[MethodStage], dataset: Dataset, batch_size: int) -> dict[str, float]:
-    """Test-split loss and accuracy through the stages in order (batch-norm in inference mode)."""
+    """Test-split loss and accuracy (per prediction: per sample, or per token) through the
+    stages in order (batch-norm in inference mode)."""
     loss_sum, correct, seen = 0.0, 0, 0
     for x, y in eval_batches(dataset.test_x, dataset.test_y, batch_size):
         h = x
         for stage in stages:
             h = stage.evaluate(h)
         y = y.to(h.device)
-        loss_sum += float(F.cross_entropy(h, y, reduction="sum"))
-        correct += int((h.argmax(1) == y).sum())
-        seen += y.shape[0]
+        loss_sum += float(cross_entropy(h, y, reduction="sum"))
+        correct += correct_predictions(h, y)
+        seen += y.numel()  # predictions: per sample, or per token
     return {"test_loss": loss_sum / seen, "test_accuracy": correct / seen}
 
 
