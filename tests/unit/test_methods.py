@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from decoupled.build import build_stages
 from decoupled.config import METHODS as METHOD_NAMES
-from decoupled.config import REPLICA_METHODS
+from decoupled.config import REPLICA_METHODS, Config
 from decoupled.data import Dataset, TrainStream
 from decoupled.local import LocalTrainer
 from decoupled.methods import METHODS, MethodStage
@@ -54,11 +55,12 @@ def test_lockstep_loop_equals_the_in_process_trainer(
     """The same method objects, driven by K stage loops on threads over bounded channels in
     lockstep or by the in-process trainer, end with the same state (and, for the GPT's
     per-token labels, the same evaluation)."""
+    config: Callable[[Sequence[str]], Config] = small_config
     if model == "gpt":
         config = functools.partial(gpt_config, request.getfixturevalue("corpus"))
         data = request.getfixturevalue("text_windows")
     else:
-        config, data = small_config, request.getfixturevalue("digits")
+        data = request.getfixturevalue("digits")
     common = [f"method.name={method}", "stages=3", "train.steps=12", "method.micro_batches=2"]
     # The runner is the Ray backend's stage loop, run here on threads.
     ray_cfg = config([*common, "runtime.backend=ray", "runtime.lockstep=true"])
