@@ -109,7 +109,12 @@ def main() -> None:
     p.add_argument("--quiet-timeout", type=float, default=60.0)
     args = p.parse_args()
     logging.getLogger("ray").setLevel(logging.WARNING)
-    ray.init(num_cpus=max(args.stages, 1), include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(
+        address="local",  # a fresh cluster, never one another process left running
+        num_cpus=args.stages,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+    )
     try:
         runs = []
         for method in args.methods:
