@@ -93,10 +93,11 @@ class ModelConfig:
     boundaries: list[int] | str = "auto"
     # lstm: truncation T, the steps of one segment of truncated BPTT.
     bptt: int = field(default=8, metadata={"min": 1})
-    # gpt: attention heads (they divide model.hidden), the context T (characters per window)
-    # and the dropout rate of the embeddings, attention and residual branches.
+    # gpt: attention heads of every block (they divide model.hidden).
     heads: int = field(default=4, metadata={"min": 1})
+    # gpt: the context T, characters per window (the data comes in windows of this length).
     context: int = field(default=64, metadata={"min": 1})
+    # gpt: dropout rate of the embeddings, the attention and the residual branches.
     dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
 
 
