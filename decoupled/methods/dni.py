@@ -25,7 +25,7 @@ from decoupled.history import ActivationHistory
 from decoupled.methods.backprop import LossStage
 from decoupled.methods.base import Method, MethodStage, Sends, StageContext
 from decoupled.stage import NonFiniteError, Stage, check_finite
-from decoupled.synthesizer import Synthesizer, build_synthesizer
+from decoupled.synthesizer import Synthesizer, build_synthesizer, fit_loss
 
 
 class SynthesizerStage(MethodStage):
@@ -80,7 +80,7 @@ class SynthesizerStage(MethodStage):
         start = time.perf_counter()
         target = grad.to(self.stage.device, non_blocking=True)
         prediction = self.synthesizer(entry.activations, entry.labels)
-        loss = F.mse_loss(prediction, target)
+        loss = fit_loss(prediction, target)
         sg_loss = float(loss.detach())
         if not math.isfinite(sg_loss):
             # An inf/NaN target (an overflowed true gradient, say) would poison M in one step.
@@ -154,7 +154,7 @@ class DNI(Method):
         def work(h: torch.Tensor, labels: torch.Tensor) -> None:
             with torch.no_grad():
                 synthesizer(h, labels)
-            loss = F.mse_loss(synthesizer(h, labels), torch.zeros_like(h))
+            loss = fit_loss(synthesizer(h, labels), torch.zeros_like(h))
             grads = torch.autograd.grad(loss, params)
             # A plain step in place of the stage's Adam (a few elementwise passes more): the
             # split is decided where no torch optimizer need be built (the job's driver).

@@ -100,7 +100,13 @@ def test_pipeline_on_a_shared_gpu_is_backprop_on_the_host(gpu_cluster: int, tmp_
         "method.micro_batches=4",
         "runtime.gpus_per_stage=0.5",
     )
-    host = _train(tmp_path / "host", *_PIPELINE, "method.name=backprop", "runtime.backend=local")
+    host = _train(
+        tmp_path / "host",
+        *_PIPELINE,
+        "method.name=backprop",
+        "runtime.backend=local",
+        "runtime.gpus_per_stage=0",
+    )
     assert [s["device"] for s in gpu["stages"]] == ["cuda:0", "cuda:0"]
     assert gpu["test_loss"] == pytest.approx(host["test_loss"], rel=1e-3)
     assert gpu["test_accuracy"] == pytest.approx(host["test_accuracy"], abs=0.01)
@@ -112,8 +118,9 @@ def test_lockstep_cdni_on_a_shared_gpu_tracks_the_host(gpu_cluster: int, tmp_pat
     into lr-sized steps, so the runs agree closely but not bit for bit."""
     common = ["method.name=cdni", "stages=3", "train.steps=40", "model.hidden=64"]
     gpu = _train(tmp_path / "gpu", *common, "runtime.lockstep=true")
-    host = _train(tmp_path / "host", *common, "runtime.backend=local")
+    host = _train(tmp_path / "host", *common, "runtime.backend=local", "runtime.gpus_per_stage=0")
     assert all(s["device"] == "cuda:0" for s in gpu["stages"])
+    assert all(s["device"] == "cpu" for s in host["stages"])
     assert gpu["test_loss"] == pytest.approx(host["test_loss"], rel=0.05)
     assert gpu["test_accuracy"] == pytest.approx(host["test_accuracy"], abs=0.03)
 
@@ -136,3 +143,10 @@ def test_a_run_checkpointed_on_the_gpu_resumes_there(gpu_cluster: int, tmp_path:
     assert resumed["steps"] == 80 and resumed["resumed_from"] == 40
     assert all(s["device"] == "cuda:0" for s in resumed["stages"])
     assert resumed["test_accuracy"] > 0.5
+
+
+def test_the_in_process_trainer_runs_on_the_gpu(tmp_path: Path) -> None:
+    """runtime.backend=local with "auto": every stage on cuda:0, and it learns."""
+    summary = _train(tmp_path, "stages=2", "train.steps=60", "runtime.backend=local")
+    assert [s["device"] for s in summary["stages"]] == ["cuda:0", "cuda:0"]
+    assert summary["test_accuracy"] > 0.8

@@ -67,10 +67,10 @@ def test_the_split_reaches_the_summary_and_a_resumed_run_keeps_it(
     assert resumed.model.boundaries == [3] and balance.how == "resumed"
 
 
-@pytest.mark.parametrize("method", ["cdni", "ddp"])
+@pytest.mark.parametrize("method", ["cdni", "pipeline"])
 def test_an_even_run_resumes_with_even(method: str, tmp_path: Path) -> None:
-    """The cut records the split it resolved to ([2], or [] for replicas), never the word
-    "even": resuming with the same "even" must be accepted (it was refused on a GPU run)."""
+    """The cut records the split it resolved to ([2]), never the word "even": resuming with the
+    same "even" must be accepted (it was refused on a GPU run)."""
     common = [f"method.name={method}", "stages=2", "checkpoint.every=4"]
     cfg = small_config([*common, "train.steps=4"])
     decoupled.train(cfg, out=tmp_path / "run")
@@ -88,3 +88,10 @@ def test_a_resumed_run_that_asks_for_another_split_is_refused(
     other = Cut(tmp_path, 4, 2, {"model": {"boundaries": [1]}})
     with pytest.raises(CheckpointError, match=r"model.boundaries: checkpoint has \[1\]"):
         balanced(cfg, digits.input_shape, digits.num_classes, resume=other)
+    # Replicas hold every block: their cuts record [] whatever the word.
+    ddp = parse_config({}, ["method.name=ddp", "stages=2", "model.boundaries=even"])
+    whole = Cut(tmp_path, 4, 2, {"model": {"boundaries": []}})
+    assert (
+        balanced(ddp, digits.input_shape, digits.num_classes, resume=whole)[0].model.boundaries
+        == []
+    )

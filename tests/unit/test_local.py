@@ -6,9 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
+from decoupled.cli import main
+from decoupled.config import ConfigError
 from decoupled.data import Dataset
-from decoupled.local import LocalTrainer
+from decoupled.local import LocalTrainer, local_device
 from tests.conftest import digits_config
 
 
@@ -30,3 +33,19 @@ def test_default_experiment_reaches_accuracy(
             assert figures["sg_updates"] > 0
             assert -1.0 <= figures["sg_cosine"] <= 1.0
             assert f"stage{figures['index']}/sg_loss" in records[-2]
+
+
+def test_the_in_process_device_follows_runtime_gpus_per_stage(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    gpu = torch.device("cuda:0")
+    assert local_device(0) == torch.device("cpu") and local_device(0.0) == torch.device("cpu")
+    assert local_device("auto") == (gpu if torch.cuda.is_available() else torch.device("cpu"))
+    if torch.cuda.is_available():
+        assert local_device(0.5) == gpu
+        return
+    with pytest.raises(ConfigError, match=r"runtime\.gpus_per_stage: 0\.5 asks for a GPU"):
+        local_device(0.5)
+    argv = ["train", "configs/digits.yaml", "runtime.backend=local", "runtime.gpus_per_stage=1"]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2
+    assert "runtime.gpus_per_stage: 1.0 asks for a GPU" in capsys.readouterr().err
