@@ -116,13 +116,14 @@ def run_training(
     elif cfg.runtime.backend == "local":
         from decoupled.local import LocalTrainer
 
-        trainer = LocalTrainer(cfg, load_data(cfg.data), out_dir, resume=resume, stop=stop)
+        data = load_data(cfg.data, cfg.model.context, cfg.recurrent.eval_chars)
+        trainer = LocalTrainer(cfg, data, out_dir, resume=resume, stop=stop)
         summary = trainer.run()
     else:
         from decoupled.ray_runtime.controller import train_on_ray
 
         # The driver checks the files and reads the shapes; stage 0 loads the samples.
-        info = dataset_info(cfg.data)
+        info = dataset_info(cfg.data, cfg.model.context, cfg.recurrent.eval_chars)
         summary = train_on_ray(cfg, info, out_dir, resume=resume, stop=stop)
     write_summary(summary, out_dir)
     return summary

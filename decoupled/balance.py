@@ -29,7 +29,8 @@ from torch import nn
 from decoupled.checkpoint import CheckpointError, Cut
 from decoupled.config import Config
 from decoupled.methods import method_for
-from decoupled.models import build_blocks, even_boundaries
+from decoupled.models import build_blocks, even_boundaries, example_input
+from decoupled.transformer import embeds_tokens
 
 TOLERANCE = 0.05  # splits whose slowest stage is within 5% of the best count as ties
 REPEATS = 3  # timed runs per block; the fastest counts (the least disturbed by other work)
@@ -60,7 +61,7 @@ def block_costs(
     """Seconds of forward + backward of each block on a batch, and each block's output (the
     input of the next), on copies of the blocks."""
     costs, outputs = [], []
-    x = torch.randn(batch, *input_shape)
+    x = example_input(blocks[0], input_shape, batch, random=True)
     for index, block in enumerate(copy.deepcopy(list(blocks))):
         block.train()
         inp = x.detach().requires_grad_(index > 0)
@@ -146,7 +147,9 @@ def resolve_boundaries(cfg: Config, input_shape: tuple[int, ...], num_classes: i
         return Balance(even_boundaries(len(blocks), k), None, "even")
     batch = cfg.data.batch_size
     costs, outputs = block_costs(blocks, input_shape, batch)
-    labels = torch.randint(0, num_classes, (batch,))
+    # Token windows in: a label per token (the next one), else one per sample.
+    per_token = embeds_tokens(blocks[0]) is not None
+    labels = torch.randint(0, num_classes, (batch, *input_shape) if per_token else (batch,))
     overheads = []
     for out in outputs:
         work = method.boundary_work(tuple(out.shape[1:]), num_classes)

@@ -40,8 +40,9 @@ class ForwardMessage:
     """Activations of stage i for step ``seq``.
 
     activations: (B, ...) the output h_i of stage i, detached (the raw inputs for stage 0).
-    labels: (B,) int64 class indices; they travel with the activations because the last stage
-    needs them for the loss and cDNI synthesizers are conditioned on them.
+    labels: (B,) int64 class indices, or (B, T) next-token ids for text; they travel with the
+    activations because the last stage needs them for the loss and cDNI synthesizers are
+    conditioned on them.
     """
 
     seq: int

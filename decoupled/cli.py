@@ -123,6 +123,8 @@ def format_summary(summary: dict[str, Any]) -> str:
             + (f", longest length solved {solved}" if solved is not None else "")
             + (f", held-out {bpc:.3f} bits/char" if bpc is not None else ""),
         )
+    elif summary.get("test_bpc") is not None:  # text through a chain (model.name=gpt)
+        lines.insert(2, f"held-out {summary['test_bpc']:.3f} bits/char")
     wandb = summary.get("wandb")
     if wandb:
         where = wandb["url"] or f"{wandb['dir']} (offline; upload with `wandb sync`)"

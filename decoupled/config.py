@@ -29,9 +29,11 @@ METHODS = ("backprop", "pipeline", "dni", "cdni", "dgl", "delayed", "ddp")
 # Methods whose K workers are replicas of the whole model rather than a chain of its slices.
 REPLICA_METHODS = ("ddp",)
 DATASETS = ("digits", "mnist", "mnist10k", "fashion_mnist", "cifar10", "teacher")
-MODELS = ("fcn", "cnn", "resnet", "lstm")
+MODELS = ("fcn", "cnn", "resnet", "lstm", "gpt")
 # Sequence tasks of the recurrent model (decoupled/recurrent/).
 RECURRENT_DATASETS = ("copy", "repeat_copy", "charlm")
+# Text as (B, T) token windows with (B, T) next-token labels, for model.name=gpt.
+TEXT_DATASETS = ("charlm",)
 RECURRENT_METHODS = ("backprop", "dni")
 
 
@@ -82,9 +84,10 @@ class ModelConfig:
     # fcn: number of linear layers including the output layer (the paper's "layers").
     # cnn: number of 5x5 conv blocks before the linear classifier. lstm: stacked LSTM layers.
     # resnet: residual blocks in each of the three residual stages (ResNet-(6n+2); 3 = ResNet-20).
+    # gpt: transformer blocks (one block each).
     layers: int = field(default=3, metadata={"min": 1})
     # fcn: units per hidden layer; cnn: filters per conv; resnet: channels of the first residual
-    # stage (doubled at each of the other two).
+    # stage (doubled at each of the other two); gpt: d_model, the width of every token's vector.
     hidden: int = field(default=256, metadata={"min": 1})
     batch_norm: bool = True
     # Where each stage after the first begins, as block indices; "auto": split by the blocks'
@@ -93,6 +96,12 @@ class ModelConfig:
     boundaries: list[int] | str = "auto"
     # lstm: truncation T, the steps of one segment of truncated BPTT.
     bptt: int = field(default=8, metadata={"min": 1})
+    # gpt: attention heads of every block (they divide model.hidden).
+    heads: int = field(default=4, metadata={"min": 1})
+    # gpt: the context T, characters per window (the data comes in windows of this length).
+    context: int = field(default=64, metadata={"min": 1})
+    # gpt: dropout rate of the embeddings, the attention and the residual branches.
+    dropout: float = field(default=0.0, metadata={"min": 0.0, "max": 1.0})
 
 
 @dataclass
@@ -236,7 +245,8 @@ class RecurrentConfig:
     repeats: int = field(default=2, metadata={"min": 1})
     # dni: the auxiliary task of predicting the synthetic gradient T steps ahead; 0 = off.
     aux_weight: float = field(default=0.0, metadata={"min": 0.0})
-    # charlm: held-out characters scored for bits per character (0 = the whole held-out split).
+    # charlm: held-out characters scored for bits per character (0 = the whole held-out split);
+    # model.name=gpt scores them too, in windows of model.context.
     eval_chars: int = field(default=100_000, metadata={"min": 0})
 
 
@@ -307,6 +317,8 @@ def block_count(model: ModelConfig) -> int:
         return 3 * model.layers + 2  # the stem, every residual block, the classifier head
     if model.name == "lstm":
         return 1  # one core; recurrent models are not split into stages yet
+    if model.name == "gpt":
+        return model.layers  # the embedding rides with the first block, the LM head the last
     raise ValueError(f"unknown model {model.name!r}")
 
 
@@ -556,7 +568,11 @@ def _cross_check(cfg: Config, found: _Found) -> None:
                     f"runtime.backend={owner})",
                 )
 
-    if valid("model.name", "data.name") and model.name != "fcn" and cfg.data.name == "teacher":
+    if (
+        valid("model.name", "data.name")
+        and model.name in ("cnn", "resnet")
+        and cfg.data.name == "teacher"
+    ):
         add(
             "model.name",
             f"{model.name} convolves images, but data.name=teacher gives vectors: "
@@ -572,6 +588,14 @@ def _cross_check(cfg: Config, found: _Found) -> None:
             "data.workers",
             f"reads the torch Datasets of a data.name factory ('module:function'); "
             f"{cfg.data.name} is in memory and read by indexing: leave it at 0",
+        )
+
+    gpt = model.name == "gpt"
+    if valid("model.name", "model.hidden", "model.heads") and gpt and model.hidden % model.heads:
+        add(
+            "model.heads",
+            f"must divide model.hidden ({_show(model.hidden)}) into equal heads, "
+            f"got {_show(model.heads)}",
         )
 
     gpus = cfg.runtime.gpus_per_stage
@@ -644,11 +668,21 @@ def _backend_keys(section: Any, path: str = "") -> list[tuple[str, str, Any, Any
 
 
 def _check_recurrent(cfg: Config, add: Callable[[str, str], None]) -> None:
-    """The lstm model and the sequence tasks go together, on one local stage, for now."""
+    """The lstm model and the sequence tasks go together, on one local stage, for now; the gpt
+    model and text go together (a user's dataset may give it token windows too)."""
     recurrent_data = cfg.data.name in RECURRENT_DATASETS
+    if cfg.model.name == "gpt":
+        if cfg.data.name not in TEXT_DATASETS and ":" not in cfg.data.name:
+            add(
+                "data.name",
+                f"model.name=gpt reads token windows of text: use {' or '.join(TEXT_DATASETS)}, "
+                f"got {cfg.data.name!r}",
+            )
+        return
     if cfg.model.name != "lstm":
         if recurrent_data:
-            add("data.name", f"{cfg.data.name!r} is a sequence task: it needs model.name=lstm")
+            needs = "lstm or gpt" if cfg.data.name in TEXT_DATASETS else "lstm"
+            add("data.name", f"{cfg.data.name!r} is a sequence task: it needs model.name={needs}")
         return
     if not recurrent_data:
         add("data.name", f"model.name=lstm needs one of: {', '.join(RECURRENT_DATASETS)}")

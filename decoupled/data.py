@@ -26,7 +26,7 @@ from typing import Protocol, cast
 import numpy as np
 import torch
 
-from decoupled.config import DATASETS, ConfigError, DataConfig
+from decoupled.config import DATASETS, TEXT_DATASETS, ConfigError, DataConfig
 from decoupled.factories import is_factory, load_factory
 from decoupled.fetch import IDX_FILES, SOURCES, FetchError, fetch
 from decoupled.loader import (
@@ -48,16 +48,16 @@ class DataError(Exception):
 class Dataset:
     name: str
     # (N, C, H, W) images or (N, D) vectors, float32, standardised per channel (per feature)
-    # with the train split's statistics
+    # with the train split's statistics; text: (N, T) windows of token ids, int64
     train_x: torch.Tensor
-    train_y: torch.Tensor  # (N,) int64
-    test_x: torch.Tensor  # (M, C, H, W) or (M, D) float32
-    test_y: torch.Tensor  # (M,) int64
-    num_classes: int
+    train_y: torch.Tensor  # (N,) int64 classes; text: (N, T), the token after each position
+    test_x: torch.Tensor  # (M, C, H, W) or (M, D) float32; text: (M, T) int64
+    test_y: torch.Tensor  # (M,) int64; text: (M, T)
+    num_classes: int  # classes; text: the vocabulary
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        """(C, H, W) or (D,) of one sample."""
+        """(C, H, W), (D,) or (T,) of one sample."""
         return tuple(self.train_x.shape[1:])
 
 
@@ -107,12 +107,12 @@ def describe(dataset: Data) -> DatasetInfo:
     )
 
 
-def dataset_info(cfg: DataConfig) -> DatasetInfo:
+def dataset_info(cfg: DataConfig, context: int = 0, eval_chars: int = 0) -> DatasetInfo:
     """``cfg``'s dataset described, and its files checked, without loading its samples where
     the format allows (the IDX files: headers and sizes); otherwise loaded and described.
     The Ray driver uses it: stage 0 loads the samples on its own node."""
     if cfg.name not in IDX_DATASETS or cfg.download:
-        return describe(load_data(cfg))
+        return describe(load_data(cfg, context, eval_chars))
     root = Path(cfg.root)
     sizes: dict[str, list[int]] = {}
     for key, base in IDX_FILES.items():
@@ -128,14 +128,17 @@ def dataset_info(cfg: DataConfig) -> DatasetInfo:
     return DatasetInfo(cfg.name, (1, rows, cols), 10, sizes["train_y"][0], sizes["test_y"][0])
 
 
-def load_data(cfg: DataConfig) -> Data:
+def load_data(cfg: DataConfig, context: int = 0, eval_chars: int = 0) -> Data:
     """What a trainer reads: ``load_dataset``'s tensors, or the torch Datasets a ``data.name``
     factory returned."""
-    return user_dataset(cfg) if is_factory(cfg.name) else load_dataset(cfg)
+    return user_dataset(cfg) if is_factory(cfg.name) else load_dataset(cfg, context, eval_chars)
 
 
-def load_dataset(cfg: DataConfig) -> Dataset:
-    """Load ``cfg.name`` from ``cfg.root`` (downloading first if asked and needed), standardised."""
+def load_dataset(cfg: DataConfig, context: int = 0, eval_chars: int = 0) -> Dataset:
+    """Load ``cfg.name`` from ``cfg.root`` (downloading first if asked and needed), standardised.
+
+    Text (``charlm``) comes as windows of ``context`` characters (model.context), the held-out
+    split cut to its first ``eval_chars`` characters (recurrent.eval_chars; 0: all of it)."""
     num_classes = 10
     if is_factory(cfg.name):
         data = user_dataset(cfg)
@@ -145,6 +148,8 @@ def load_dataset(cfg: DataConfig) -> Dataset:
                 "as tensors (train through decoupled.train or the CLI, which read them by step)"
             )
         return data
+    if cfg.name in TEXT_DATASETS:
+        return _load_text(cfg, context, eval_chars)
     if cfg.name == "digits":
         splits = _load_digits()
     elif cfg.name in IDX_DATASETS:
@@ -174,6 +179,22 @@ def load_dataset(cfg: DataConfig) -> Dataset:
 
 
 Splits = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _load_text(cfg: DataConfig, context: int, eval_chars: int) -> Dataset:
+    """The character corpus of the recurrent trainer (same text, split and vocabulary), as
+    non-overlapping windows: x (N, T) token ids, y (N, T) the next character of each."""
+    # Here rather than at the top: decoupled.recurrent.text takes DataError from this module.
+    from decoupled.recurrent import text
+
+    if context < 1:
+        raise ValueError(f"{cfg.name} is read in windows: pass the model's context (got {context})")
+    train, held_out = text.split(text.encode(text.load_corpus(cfg.root, cfg.download)))
+    if eval_chars:
+        held_out = held_out[: eval_chars + 1]
+    train_x, train_y = text.windows(train, context)
+    test_x, test_y = text.windows(held_out, context)
+    return Dataset(cfg.name, train_x, train_y, test_x, test_y, text.VOCAB)
 
 
 def user_dataset(cfg: DataConfig) -> Data:
@@ -468,7 +489,7 @@ class TrainStream:
         return epoch_seed(self.seed, epoch)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch ``step``: x (B, C, H, W), y (B,)."""
+        """Batch ``step``: x (B, ...) and y (B,), or (B, T) for text windows."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         epoch, index = divmod(step, self.steps_per_epoch)
@@ -483,7 +504,7 @@ class TrainStream:
 def eval_batches(
     x: torch.Tensor, y: torch.Tensor, batch_size: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of x (B, ...) and y (B,) in order; the last one may be smaller."""
+    """Batches of x (B, ...) and y (B, ...) in order; the last one may be smaller."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for start in range(0, len(x), batch_size):

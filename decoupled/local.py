@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from decoupled.balance import balanced, summary_figures
 from decoupled.build import build_stages
@@ -33,6 +32,7 @@ from decoupled.metrics import (
 )
 from decoupled.runner import stage_summary_figures
 from decoupled.schedule import Schedule
+from decoupled.stage import correct_predictions, cross_entropy
 
 
 def local_device(gpus_per_stage: float | str) -> torch.device:
@@ -51,16 +51,17 @@ def local_device(gpus_per_stage: float | str) -> torch.device:
 
 
 def evaluate(stages: list[MethodStage], batches: Iterable[Batch]) -> dict[str, float]:
-    """Test-split loss and accuracy through the stages in order (batch-norm in inference mode)."""
+    """Test-split loss and accuracy (per prediction: per sample, or per token) through the
+    stages in order (batch-norm in inference mode)."""
     loss_sum, correct, seen = 0.0, 0, 0
     for x, y in batches:
         h = x
         for stage in stages:
             h = stage.evaluate(h)
         y = y.to(h.device)
-        loss_sum += float(F.cross_entropy(h, y, reduction="sum"))
-        correct += int((h.argmax(1) == y).sum())
-        seen += y.shape[0]
+        loss_sum += float(cross_entropy(h, y, reduction="sum"))
+        correct += correct_predictions(h, y)
+        seen += y.numel()  # predictions: per sample, or per token
     return {"test_loss": loss_sum / seen, "test_accuracy": correct / seen}
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from decoupled.config import Config
+from decoupled.config import TEXT_DATASETS, Config
 from decoupled.wandb_logger import WandbLogger
 
 PER_STAGE_KEYS = (
@@ -232,7 +232,11 @@ def build_summary(
     """The summary.json contract of DESIGN.md, plus the run's identity.
 
     ``samples_per_s`` covers the whole call (start-up and evaluations included);
-    ``steady_samples_per_s`` the middle of the run (see ``steady_samples_per_s``)."""
+    ``steady_samples_per_s`` the middle of the run (see ``steady_samples_per_s``). Text adds
+    ``test_bpc``, the held-out loss in bits per character."""
+    test_loss = (extra or {}).get("test_loss")
+    text = cfg.data.name in TEXT_DATASETS
+    bpc = test_loss / math.log(2) if text and test_loss is not None else None
     summary: dict[str, Any] = {
         "method": cfg.method.name,
         "stages": stages,
@@ -246,6 +250,7 @@ def build_summary(
         "steady_samples_per_s": steady_samples_per_s,
         "train_loss": train_loss,
         "test_accuracy": test_accuracy,
+        **({"test_bpc": bpc} if bpc is not None else {}),
         **(extra or {}),
     }
     return {k: _jsonable(v) for k, v in summary.items()}

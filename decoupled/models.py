@@ -1,4 +1,5 @@
-"""The paper's models and a CIFAR ResNet as explicit lists of blocks, and their split into stages.
+"""The paper's models, a CIFAR ResNet and a GPT (``decoupled/transformer.py``) as explicit lists
+of blocks, and their split into stages.
 
 A model is a list of blocks; stage k owns blocks[start_k:end_k]. Splitting is explicit (by block
 index from ``model.boundaries``, or as even as possible), never by tracing. Every process builds
@@ -16,6 +17,7 @@ from torch import nn
 
 from decoupled.config import ConfigError, ModelConfig
 from decoupled.factories import is_factory, load_factory
+from decoupled.transformer import embeds_tokens, gpt_blocks
 
 
 def fcn_blocks(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> list[nn.Module]:
@@ -131,6 +133,8 @@ def build_blocks(
             return cnn_blocks(cfg, input_shape, num_classes)
         if cfg.name == "resnet":
             return resnet_blocks(cfg, input_shape, num_classes)
+        if cfg.name == "gpt":
+            return gpt_blocks(cfg, input_shape, num_classes)
     raise ValueError(f"model.name: unknown model {cfg.name!r}")
 
 
@@ -221,7 +225,7 @@ def output_shapes(
     two); a part that cannot take what comes before it is a ConfigError naming both, as
     ``name(k)`` and ``output(k - 1)``."""
     shapes: list[tuple[int, ...]] = []
-    x = torch.zeros(2, *input_shape)
+    x = example_input(parts[0], input_shape, 2) if parts else torch.zeros(0)
     with torch.no_grad():
         for k, part in enumerate(parts):
             was_training = part.training
@@ -237,3 +241,17 @@ def output_shapes(
                 part.train(was_training)
             shapes.append(tuple(x.shape[1:]))
     return shapes
+
+
+def example_input(
+    first: nn.Module, input_shape: tuple[int, ...], batch: int, random: bool = False
+) -> torch.Tensor:
+    """A batch (B, *input_shape) that a model starting with block ``first`` takes, to dry-run or
+    time it: token ids (B, T) int64 for a model that embeds tokens, else floats; zeros, or drawn
+    from torch's RNG if ``random``."""
+    embedding = embeds_tokens(first)
+    if embedding is not None:
+        if not random:
+            return torch.zeros(batch, *input_shape, dtype=torch.int64)
+        return torch.randint(0, embedding.vocab, (batch, *input_shape))
+    return torch.randn(batch, *input_shape) if random else torch.zeros(batch, *input_shape)

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from decoupled.channel import (
     BackwardMessage,
@@ -37,7 +36,7 @@ from decoupled.data import Batch, BatchStream
 from decoupled.devices import gpu_figures
 from decoupled.methods import MethodStage, Sends
 from decoupled.schedule import Schedule
-from decoupled.stage import NonFiniteError
+from decoupled.stage import NonFiniteError, correct_predictions, cross_entropy
 
 POLL_S = 0.05  # how long a blocked receive waits before re-checking the stop flag
 PROBE_WAIT_S = 10.0  # how long a finished stage waits for its last probe's exact gradient
@@ -112,7 +111,8 @@ class EvalTally:
     step: int
     loss_sum: float = 0.0
     correct: int = 0
-    seen: int = 0
+    seen: int = 0  # predictions: one per sample, or one per token
+    samples: int = 0
 
     def result(self) -> EvalResult:
         seen = self.seen
@@ -410,10 +410,11 @@ class StageRunner:
             self._eval = EvalTally(message.seq)
         labels = message.labels.to(out.device)
         tally = self._eval
-        tally.loss_sum += float(F.cross_entropy(out, labels, reduction="sum"))
-        tally.correct += int((out.argmax(1) == labels).sum())
-        tally.seen += labels.shape[0]
-        if self.num_test_samples > 0 and tally.seen >= self.num_test_samples:
+        tally.loss_sum += float(cross_entropy(out, labels, reduction="sum"))
+        tally.correct += correct_predictions(out, labels)
+        tally.seen += labels.numel()
+        tally.samples += labels.shape[0]
+        if self.num_test_samples > 0 and tally.samples >= self.num_test_samples:
             self.figures.evals.append(tally.result())
             self._eval = None
 

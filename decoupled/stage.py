@@ -148,6 +148,19 @@ def staleness_figures(values: list[int] | Counter[int]) -> dict[str, float | Non
     }
 
 
+def cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """Cross-entropy of logits (B, C) against class labels (B,), or of per-token logits
+    (B, T, V) against next-token labels (B, T): the mean (or sum) over every prediction."""
+    return F.cross_entropy(logits.flatten(0, -2), labels.flatten(), reduction=reduction)
+
+
+def correct_predictions(logits: torch.Tensor, labels: torch.Tensor) -> int:
+    """Predictions (one per label: per sample, or per token) whose arg-max is the label."""
+    return int((logits.detach().argmax(-1) == labels).sum())
+
+
 def check_finite(tensor: torch.Tensor, what: str, stage: int, seq: int) -> None:
     if not torch.isfinite(tensor).all():
         raise NonFiniteError(f"stage {stage}: non-finite {what} at step {seq}")
@@ -209,15 +222,16 @@ class Stage:
     def loss(
         self, logits: torch.Tensor, labels: torch.Tensor, seq: int
     ) -> tuple[torch.Tensor, int]:
-        """Cross-entropy of logits (B, classes) against labels (B,), and the correct count;
-        both recorded in the figures. A non-finite loss stops the run."""
+        """Cross-entropy of logits (B, classes) against labels (B,), or (B, T, V) against
+        (B, T) (every token counts), and the correct count; both recorded in the figures.
+        A non-finite loss stops the run."""
         labels = labels.to(self.device, non_blocking=True)
-        loss = F.cross_entropy(logits, labels)
+        loss = cross_entropy(logits, labels)
         check_finite(loss.detach(), "loss", self.index, seq)
-        correct = int((logits.detach().argmax(1) == labels).sum())
+        correct = correct_predictions(logits, labels)
         self.stats._loss.append(float(loss.detach()))
         self.stats._correct += correct
-        self.stats._seen += labels.shape[0]
+        self.stats._seen += labels.numel()
         return loss, correct
 
     def update(self) -> None:

@@ -30,7 +30,8 @@ from decoupled.config import SGConfig
 
 
 class Synthesizer(nn.Module):
-    """Base: maps activations (B, *shape) and optional labels (B,) to a gradient (B, *shape)."""
+    """Base: maps activations (B, *shape) and optional labels (B,) to a gradient (B, *shape);
+    for sequences, activations (B, T, D) and labels (B, T) (a label per token)."""
 
     net: nn.Sequential
 
@@ -67,19 +68,23 @@ class Synthesizer(nn.Module):
             nn.init.uniform_(self.label.weight, -bound, bound)
 
     def _label_term(self, labels: torch.Tensor | None) -> torch.Tensor:
-        """(B, width): the embedding of each sample's label."""
+        """(B, width), or (B, T, width): the embedding of each sample's (or token's) label."""
         if labels is None or self.label is None:
             raise ValueError("a label-conditioned synthesizer needs the labels")
         out: torch.Tensor = self.label(labels)
         return out
 
     def _forward(self, z: torch.Tensor, labels: torch.Tensor | None, spatial: bool) -> torch.Tensor:
-        """The stack on input z, the label term (broadcast over H, W if ``spatial``) added to
-        the first layer's pre-activation."""
+        """The stack on input z, the label term (broadcast over H, W if ``spatial``; over T
+        for a sequence with one label per sample) added to the first layer's pre-activation."""
         z = self.net[0](z)
         if self.conditioned:
             term = self._label_term(labels)
-            z = z + (term[:, :, None, None] if spatial else term)
+            if spatial:
+                term = term[:, :, None, None]
+            elif term.dim() < z.dim():
+                term = term[:, None, :]
+            z = z + term
         out: torch.Tensor = self.net[1:](z)
         return out
 
@@ -105,7 +110,11 @@ def _stack(
 
 
 class MLPSynthesizer(Synthesizer):
-    """Flattens h, 0..n hidden ReLU layers, linear output; a label embedding for cDNI."""
+    """Flattens h, 0..n hidden ReLU layers, linear output; a label embedding for cDNI.
+
+    ``per_token``: h is a sequence (B, T, D) and the MLP runs on each token's D-vector alone
+    (the same weights at every position, as a transformer's own MLP), conditioned for cDNI on
+    that token's label (B, T), its next-token target."""
 
     def __init__(
         self,
@@ -113,13 +122,17 @@ class MLPSynthesizer(Synthesizer):
         num_classes: int | None,
         hidden_layers: int,
         hidden: int,
+        per_token: bool = False,
     ) -> None:
         super().__init__(activation_shape, num_classes)
-        features = math.prod(activation_shape)
+        self.per_token = per_token
+        features = activation_shape[-1] if per_token else math.prod(activation_shape)
         self.net = _stack(nn.Linear, features, features, hidden_layers, hidden)
         self._init_label(hidden_layers)
 
     def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.per_token:
+            return self._forward(h, labels, spatial=False)  # nn.Linear maps the last dim
         return self._forward(h.flatten(1), labels, spatial=False).view_as(h)
 
 
@@ -150,14 +163,16 @@ class ConvSynthesizer(Synthesizer):
 def build_synthesizer(
     activation_shape: tuple[int, ...], cfg: SGConfig, num_classes: int | None
 ) -> Synthesizer:
-    """A conv synthesizer for feature maps (C, H, W), an MLP for anything else.
+    """A conv synthesizer for feature maps (C, H, W), a per-token MLP for sequences (T, D), an
+    MLP for vectors.
 
     activation_shape: the shape of one sample's activation, without the batch dimension.
     num_classes: set for cDNI (label-conditioned), None for DNI.
     """
     if len(activation_shape) == 3:
         return ConvSynthesizer(activation_shape, num_classes, cfg.layers, cfg.hidden)
-    return MLPSynthesizer(activation_shape, num_classes, cfg.layers, cfg.hidden)
+    per_token = len(activation_shape) == 2
+    return MLPSynthesizer(activation_shape, num_classes, cfg.layers, cfg.hidden, per_token)
 
 
 def fit_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,46 @@ def with_history(cfg: Config, history: int) -> Config:
     return dataclasses.replace(cfg, method=dataclasses.replace(cfg.method, sg=sg))
 
 
+# A tiny corpus for the gpt model (data.name=charlm with data.root a text file): no download.
+TEXT = (
+    "It was the best of times, it was the worst of times, it was the age of wisdom, it was the "
+    "age of foolishness, it was the epoch of belief, it was the epoch of incredulity. "
+) * 12
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def gpt_config(corpus: Path, overrides: Sequence[str] = ()) -> Config:
+    """A tiny GPT (3 blocks of width 16, windows of 8 characters) on ``corpus``."""
+    base = [
+        "data.name=charlm",
+        f"data.root={corpus}",
+        "data.batch_size=8",
+        "model.name=gpt",
+        "model.layers=3",
+        "model.hidden=16",
+        "model.heads=2",
+        "model.context=8",
+        "method.sg.hidden=32",
+        "recurrent.eval_chars=200",
+        "train.progress=false",
+        "runtime.backend=local",
+        "model.boundaries=even",
+    ]
+    return parse_config({}, [*base, *overrides])
+
+
+@pytest.fixture(scope="session")
+def text_windows(corpus: Path) -> Dataset:
+    cfg = gpt_config(corpus)
+    return load_dataset(cfg.data, cfg.model.context, cfg.recurrent.eval_chars)
+
+
 @pytest.fixture
 def wandb_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """W&B's own files under a fresh folder of this test, and a fresh client around it."""

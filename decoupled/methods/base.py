@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from decoupled.config import Config
-from decoupled.stage import Stage, StageStats
+from decoupled.stage import Stage, StageStats, cross_entropy
 
 
 @dataclass
@@ -94,7 +94,8 @@ class MethodStage(ABC):
     # -- the events --------------------------------------------------------------------------
     @abstractmethod
     def forward(self, seq: int, x: torch.Tensor, labels: torch.Tensor) -> Sends:
-        """Training micro-batch ``seq``: x (B, ...) this stage's input, labels (B,) int64."""
+        """Training micro-batch ``seq``: x (B, ...) this stage's input, labels (B,) int64
+        (text: (B, T), the next token at every position)."""
 
     def backward(self, seq: int, grad: torch.Tensor) -> Sends:
         """A message from the next stage for micro-batch ``seq``, shaped like this stage's h."""
@@ -122,7 +123,7 @@ class MethodStage(ABC):
             labels = labels.to(stage.device, non_blocking=True)
             h = module(x)
             if self.is_last:
-                loss = F.cross_entropy(h, labels)
+                loss = cross_entropy(h, labels)
                 grad = torch.autograd.grad(loss, x)[0] if x.requires_grad else None
                 return Sends(backward=grad)
             self._probe = (seq, x, h, self.predicted_gradient(h.detach(), labels))

@@ -6,7 +6,7 @@ The last stage trains on the model's loss. No gradient crosses a stage boundary,
 forward messages travel and no stage ever waits for a later one; the bounded forward channels
 hold a fast producer back. The head is DGL's auxiliary net: a feature map goes through a 3x3
 convolution and an average pool to a small grid, then an MLP (``method.dgl.layers`` of
-``hidden`` units) classifies.
+``hidden`` units) classifies; a sequence's tokens are classified one by one (next-token logits).
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from decoupled.stage import Stage
 
 def auxiliary_head(shape: tuple[int, ...], num_classes: int, cfg: DGLConfig) -> nn.Module:
     """A classifier of one stage's output (per sample ``shape``): as DGL's auxiliary nets, a
-    3x3 convolution and an average pool to a small grid for feature maps, then an MLP."""
+    3x3 convolution and an average pool to a small grid for feature maps, then an MLP. A
+    sequence (T, D) gets the MLP on each token's vector: logits (B, T, classes) of the next
+    token at every position."""
     layers: list[nn.Module] = []
     if len(shape) == 3:
         channels = shape[0]
@@ -35,11 +37,14 @@ def auxiliary_head(shape: tuple[int, ...], num_classes: int, cfg: DGLConfig) -> 
             nn.BatchNorm2d(channels),
             nn.ReLU(),
             nn.AdaptiveAvgPool2d(cfg.pool),
+            nn.Flatten(),
         ]
         width = channels * cfg.pool * cfg.pool
+    elif len(shape) == 2:
+        width = shape[-1]  # nn.Linear maps each token's last dim
     else:
+        layers.append(nn.Flatten())
         width = math.prod(shape)
-    layers.append(nn.Flatten())
     for _ in range(cfg.layers):
         layers += [nn.Linear(width, cfg.hidden), nn.ReLU()]
         width = cfg.hidden

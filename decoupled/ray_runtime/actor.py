@@ -128,7 +128,7 @@ class StageActor:
             start_step = resume.step
         stream = test = None
         if self.stage.is_first:  # stage 0 of a chain; every replica
-            dataset = load_data(cfg.data)
+            dataset = load_data(cfg.data, cfg.model.context, cfg.recurrent.eval_chars)
             stream = train_stream(dataset, cfg.data, cfg.seed)
             # One stage sends the test set through: stage 0 of a chain, the last replica.
             if self.index == (self.num_stages - 1 if self.replicas else 0):

@@ -87,3 +87,16 @@ def streams(codes: torch.Tensor, batch: int) -> torch.Tensor:
     if length < 2:
         raise DataError(f"{codes.numel()} characters cannot fill {batch} streams")
     return codes[: batch * length].view(batch, length).t().contiguous()
+
+
+def windows(codes: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text cut into non-overlapping windows of ``context`` characters, for the gpt model:
+    x (N, T) and, per position, the character after it, y (N, T) (x shifted by one)."""
+    count = (codes.numel() - 1) // context
+    if count < 1:
+        raise DataError(
+            f"{codes.numel()} characters cannot fill one window of model.context={context} "
+            "characters and its next-character labels"
+        )
+    end = count * context
+    return codes[:end].view(count, context), codes[1 : end + 1].view(count, context)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from decoupled.data import Dataset
 from decoupled.local import LocalTrainer
 from decoupled.methods import METHODS
 from decoupled.ray_runtime.controller import train_on_ray
-from tests.conftest import digits_config
+from tests.conftest import digits_config, gpt_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_cluster")]
 
@@ -140,6 +141,29 @@ def test_ddp_replicas_equal_backprop_on_the_global_batch(digits: Dataset, tmp_pa
             torch.testing.assert_close(actual[name], value, rtol=1e-5, atol=1e-6, msg=name)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["event"] == "eval"] == [6, 12]
+
+
+def test_the_gpt_on_actors_reproduces_the_in_process_trainer(
+    corpus: Path, text_windows: Dataset, tmp_path: Path
+) -> None:
+    """Token windows, (B, T) labels on the wire, per-token cDNI synthesizers on (B, T, D)
+    activations: the actors in lockstep end where the in-process trainer does, and report the
+    held-out bits per character."""
+    common = ["method.name=cdni", "stages=2", "train.steps=8", "optim.name=sgd", "optim.lr=0.05"]
+    cfg = gpt_config(corpus, [*common, "runtime.backend=ray", "runtime.lockstep=true"])
+    summary = train_on_ray(cfg, text_windows, tmp_path)
+    cut = latest_cut(tmp_path / "checkpoints")
+    assert cut is not None
+    states = [load_stage(cut, i, torch.device("cpu")) for i in range(cut.num_stages)]
+    local = LocalTrainer(gpt_config(corpus, common), text_windows)
+    _one_thread_reference(local)
+    for state, stage in zip(states, local.stages, strict=True):
+        actual, expected = _tensors(state), _tensors(stage.state_dict())
+        assert actual.keys() == expected.keys() and expected
+        for name, value in expected.items():
+            torch.testing.assert_close(actual[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert summary["test_bpc"] == pytest.approx(summary["test_loss"] / math.log(2))
+    assert summary["stages"][0]["sg_updates"] == 8
 
 
 def _one_thread_reference(local: LocalTrainer) -> None:

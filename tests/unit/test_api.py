@@ -122,6 +122,6 @@ def test_bad_user_code_exits_2_naming_the_key_and_reason(
 
 def test_a_model_name_that_is_neither_builtin_nor_code_is_refused() -> None:
     with pytest.raises(
-        ConfigError, match=r"must be one of: fcn, cnn, resnet, lstm or .module:function."
+        ConfigError, match=r"must be one of: fcn, cnn, resnet, lstm, gpt or .module:function."
     ):
         decoupled.load({"model": {"name": "transformer"}})

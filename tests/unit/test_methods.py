@@ -4,6 +4,8 @@ promises (scale applied once, builds that leave the caller's RNG alone) hold for
 from __future__ import annotations
 
 import copy
+import functools
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
@@ -11,13 +13,13 @@ import torch.nn.functional as F
 
 from decoupled.build import build_stages
 from decoupled.config import METHODS as METHOD_NAMES
-from decoupled.config import REPLICA_METHODS
+from decoupled.config import REPLICA_METHODS, Config
 from decoupled.data import Dataset, TrainStream
 from decoupled.local import LocalTrainer
 from decoupled.methods import METHODS, MethodStage
 from decoupled.methods.dni import SynthesizerStage
 from decoupled.synthesizer import Synthesizer
-from tests.conftest import small_config
+from tests.conftest import gpt_config, small_config
 from tests.unit.test_runner import run_threads
 
 CHAINS = sorted(name for name, method in METHODS.items() if not method.replicas)
@@ -43,16 +45,32 @@ def _state_tensors(stage: MethodStage) -> list[torch.Tensor]:
     ]
 
 
-@pytest.mark.parametrize("method", CHAINS)
-def test_lockstep_loop_equals_the_in_process_trainer(digits: Dataset, method: str) -> None:
+@pytest.mark.parametrize(
+    ("model", "method"),
+    [*(("fcn", m) for m in CHAINS), ("gpt", "cdni"), ("gpt", "pipeline"), ("gpt", "dgl")],
+)
+def test_lockstep_loop_equals_the_in_process_trainer(
+    request: pytest.FixtureRequest, model: str, method: str
+) -> None:
     """The same method objects, driven by K stage loops on threads over bounded channels in
-    lockstep or by the in-process trainer, end with the same state."""
+    lockstep or by the in-process trainer, end with the same state (and, for the GPT's
+    per-token labels, the same evaluation)."""
+    config: Callable[[Sequence[str]], Config] = small_config
+    if model == "gpt":
+        config = functools.partial(gpt_config, request.getfixturevalue("corpus"))
+        data = request.getfixturevalue("text_windows")
+    else:
+        data = request.getfixturevalue("digits")
     common = [f"method.name={method}", "stages=3", "train.steps=12", "method.micro_batches=2"]
     # The runner is the Ray backend's stage loop, run here on threads.
-    ray_cfg = small_config([*common, "runtime.backend=ray", "runtime.lockstep=true"])
-    runners = run_threads(ray_cfg, digits)
-    local = LocalTrainer(small_config(common), digits)
-    local.run()
+    ray_cfg = config([*common, "runtime.backend=ray", "runtime.lockstep=true"])
+    runners = run_threads(ray_cfg, data)
+    local = LocalTrainer(config(common), data)
+    summary = local.run()
+    if model == "gpt":
+        (result,) = runners[-1].figures.evals
+        assert result.test_loss == pytest.approx(summary["test_loss"], rel=1e-5)
+        assert result.test_accuracy == pytest.approx(summary["test_accuracy"])
     assert len(runners) == len(local.stages)
     for runner, stage in zip(runners, local.stages, strict=True):
         actual, expected = _state_tensors(runner.stage), _state_tensors(stage)
