@@ -245,6 +245,9 @@ class ClockConfig:
     slow_hidden: int = field(default=128, metadata={"min": 1})
     # Width of the slow core's output, which the fast core reads at every step.
     interface: int = field(default=32, metadata={"min": 1})
+    # Decoupled, on threads or actors: the most ticks the slow core may be ahead of the newest
+    # true gradient it has received (it waits beyond that); 0: unbounded, it never waits.
+    max_ahead: int = field(default=0, metadata={"min": 0})
     # An artificial pause per chunk of each core (tests and benchmarks of the waiting).
     slow_delay_s: float = field(default=0.0, metadata={"min": 0.0})
     fast_delay_s: float = field(default=0.0, metadata={"min": 0.0})

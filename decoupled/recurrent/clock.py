@@ -421,6 +421,13 @@ class TickMailbox:
             self._items.clear()
             return tick, tensor, skipped
 
+    def wait(self, timeout: float) -> bool:
+        """True once a message is in (False after ``timeout`` s, or when closed and empty)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._items or self._closed, timeout) and bool(
+                self._items
+            )
+
     def take(self, tick: int, timeout: float) -> torch.Tensor | None:
         """The message of ``tick`` (older ones are discarded); None after ``timeout`` s."""
         with self._cond:

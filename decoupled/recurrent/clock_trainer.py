@@ -97,6 +97,7 @@ class SlowLoop(_Loop):
         super().__init__(cfg)
         self.task, self.slow, _ = build_clock(cfg)
         self.targets = TickMailbox(cfg.runtime.channel_capacity)
+        self.newest = -1  # the latest tick whose true gradient has come
         self._send, self._end = send, end
 
     def run(self) -> None:
@@ -105,13 +106,14 @@ class SlowLoop(_Loop):
         for j in range(cfg.train.steps or 0):
             if self._stop.is_set():
                 break
+            waited = self._hold_back(j, timeout) if not lockstep(cfg) else 0.0
             t0 = time.perf_counter()
             x = self.task.slow_input(self.task.chunk(j, batch), torch.float32)
             o = self.slow.tick(j, x)
             if not lockstep(cfg):
                 self.slow.update(self.slow.synthetic_gradient(o))
             time.sleep(cfg.clock.slow_delay_s)
-            waited = self._send(j, o)
+            waited += self._send(j, o)
             t1 = time.perf_counter()
             if lockstep(cfg):
                 grad = self._wait_for(j, timeout)
@@ -120,10 +122,7 @@ class SlowLoop(_Loop):
                 self.slow.update(grad)
             else:
                 t3 = t1
-                for tick, target in self.targets.drain():
-                    out = self.slow.learn(tick, target)
-                    if out is not None:
-                        fig.sg_loss, fig.sg_cosine = out
+                self._learn(self.targets.drain())
             t4 = time.perf_counter()
             fig.busy_s += (t4 - t0) - waited
             fig.wait_s += waited
@@ -131,6 +130,27 @@ class SlowLoop(_Loop):
             fig.samples += self.task.every * batch
             fig.dropped_targets, fig.expired_targets = self.targets.dropped, self.slow.expired
         self._end()
+
+    def _learn(self, arrived: list[tuple[int, torch.Tensor]]) -> None:
+        for tick, target in arrived:
+            self.newest = max(self.newest, tick)
+            out = self.slow.learn(tick, target)
+            if out is not None:
+                self.figures.sg_loss, self.figures.sg_cosine = out
+
+    def _hold_back(self, tick: int, timeout: float) -> float:
+        """With ``clock.max_ahead``: wait until at most that many ticks before ``tick`` lack
+        their gradient, learning from those that come; the seconds waited."""
+        ahead = self.cfg.clock.max_ahead
+        if not ahead or tick - 1 - self.newest <= ahead:
+            return 0.0
+        t0 = time.perf_counter()
+        while tick - 1 - self.newest > ahead:
+            if self._stop.is_set() or time.perf_counter() - t0 > timeout:
+                raise TimeoutError(f"no gradient from the fast core within {timeout:g}s")
+            if self.targets.wait(POLL_S):
+                self._learn(self.targets.drain())
+        return time.perf_counter() - t0
 
     def _wait_for(self, tick: int, timeout: float) -> torch.Tensor:
         deadline = time.perf_counter() + timeout
@@ -179,6 +199,30 @@ class FastLoop(_Loop):
             fig.add_chunk(result)
             last = j
             fig.wait_s += self._send(j, result.grad)
+
+
+def run_on_threads(cfg: Config, timeout_s: float = 600.0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both loops on threads of this process, wired mailbox to mailbox as the actors are (the
+    two cores then share this process's interpreter lock); their final reports."""
+
+    def to_slow(tick: int, grad: torch.Tensor) -> float:
+        slow.targets.put(tick, grad)
+        return 0.0
+
+    def to_fast(tick: int, output: torch.Tensor) -> float:
+        fast.inputs.put(tick, output)
+        return 0.0
+
+    fast = FastLoop(cfg, to_slow)
+    slow = SlowLoop(cfg, to_fast, fast.inputs.close)
+    fast.start()
+    slow.start()
+    for loop in (slow, fast):
+        if not loop.join(timeout_s):
+            slow.stop()
+            fast.stop()
+            raise TimeoutError(f"the two cores did not finish within {timeout_s:g}s")
+    return slow.report(), fast.report()
 
 
 def clock_summary(

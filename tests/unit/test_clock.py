@@ -16,7 +16,7 @@ import torch
 from decoupled.cli import main
 from decoupled.config import Config, ConfigError, parse_config
 from decoupled.recurrent.clock import ClockSystem, TickMailbox, build_clock
-from decoupled.recurrent.clock_trainer import FastLoop, SlowLoop
+from decoupled.recurrent.clock_trainer import run_on_threads
 
 ROOT = Path(__file__).resolve().parents[2]
 BATCH = 3
@@ -114,32 +114,28 @@ def test_mailbox_keeps_the_newest_and_counts_what_it_drops() -> None:
     got = box.take(6, 0.0)
     assert got is not None and got.item() == 1.0 and box.drain() == []  # 5 was discarded
     assert box.take(7, 0.01) is None
+    assert not box.wait(0.01)
+    box.put(8, torch.zeros(1))
+    assert box.wait(0.0) and box.wait(0.0)  # waiting takes nothing
+    assert [t for t, _ in box.drain()] == [8]
     threading.Timer(0.05, box.close).start()
     t0 = time.perf_counter()
     assert box.take_newest(5.0) is None and time.perf_counter() - t0 < 2.0
 
 
-def _run_threads(cfg: Config) -> tuple[dict[str, float], dict[str, float]]:
-    """The two loops on threads of this process, wired mailbox to mailbox, as the actors are."""
-    slow_box: list[SlowLoop] = []
-    fast = FastLoop(cfg, lambda j, g: slow_box[0].targets.put(j, g) or 0.0)
-    slow = SlowLoop(cfg, lambda j, o: fast.inputs.put(j, o) or 0.0, fast.inputs.close)
-    slow_box.append(slow)
-    fast.start()
-    slow.start()
-    assert slow.join(60) and fast.join(60)
-    return slow.report(), fast.report()
-
-
 def test_decoupled_slow_core_never_waits_for_a_slowed_fast_core() -> None:
     steps, pause = 12, 0.03
-    slow, fast = _run_threads(_cfg(steps=steps, fast_delay_s=pause))
+    slow, fast = run_on_threads(_cfg(steps=steps, fast_delay_s=pause))
     assert slow["error"] is None and fast["error"] is None
     assert slow["chunks"] == steps and slow["wait_s"] < 0.01
     assert fast["chunks"] + fast["skipped_chunks"] >= steps - 1
-    lock_slow, lock_fast = _run_threads(_cfg("backprop", steps, fast_delay_s=pause))
+    lock_slow, lock_fast = run_on_threads(_cfg("backprop", steps, fast_delay_s=pause))
     assert lock_fast["chunks"] == steps and lock_fast["skipped_chunks"] == 0
     assert lock_slow["wait_s"] > 0.8 * steps * pause  # it waited for every gradient
+    # Bounded: at most one tick without its gradient, so it waits for about every other one.
+    ahead_slow, ahead_fast = run_on_threads(_cfg(steps=steps, fast_delay_s=pause, max_ahead=1))
+    assert ahead_fast["skipped_chunks"] == 0 and ahead_slow["chunks"] == steps
+    assert ahead_slow["wait_s"] > 0.3 * steps * pause
 
 
 @pytest.mark.parametrize(
