@@ -378,8 +378,9 @@ class TickMailbox:
     """Tick-keyed messages between the two cores' threads: bounded, never blocking the sender.
 
     A full mailbox drops its oldest message (counted in ``dropped``). The fast core takes the
-    newest output (``take_newest``: the older ones it passes over are returned as skipped); the
-    lockstep slow core waits for one tick's gradient (``take``). Thread-safe; Ray-free."""
+    newest output (``take_newest``: the older ones it passes over are returned as skipped), or
+    every one in order when the slow core is bounded (``take_oldest``); the lockstep slow core
+    waits for one tick's gradient (``take``). Thread-safe; Ray-free."""
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
@@ -427,6 +428,15 @@ class TickMailbox:
             return self._cond.wait_for(lambda: self._items or self._closed, timeout) and bool(
                 self._items
             )
+
+    def take_oldest(self, timeout: float) -> tuple[int, torch.Tensor, int] | None:
+        """(tick, tensor, 0): the oldest message; None as ``take_newest``."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._items or self._closed, timeout)
+            if not self._items:
+                return None
+            tick = min(self._items)
+            return tick, self._items.pop(tick), 0
 
     def take(self, tick: int, timeout: float) -> torch.Tensor | None:
         """The message of ``tick`` (older ones are discarded); None after ``timeout`` s."""

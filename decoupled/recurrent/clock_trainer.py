@@ -162,14 +162,19 @@ class SlowLoop(_Loop):
 
 
 class FastLoop(_Loop):
-    """Takes the newest o_j, runs chunk j+1 on it (a fresh state after a gap) and sends g_j
-    back, until the slow core has ended and every o_j is taken. ``inputs`` is where the slow
-    core's o_j land."""
+    """Takes the newest o_j (an unbounded decoupled slow core: the fast core reads its latest
+    output and skips the chunks it passed over, starting a fresh state after a gap) or the next
+    one in order (lockstep, or ``clock.max_ahead`` > 0, which bound the slow core), runs chunk
+    j+1 on it and sends g_j back, until the slow core has ended and every o_j is taken.
+    ``inputs`` is where the slow core's o_j land."""
 
     def __init__(self, cfg: Config, send: Send) -> None:
         super().__init__(cfg)
         self.task, _, self.fast = build_clock(cfg)
-        self.inputs = TickMailbox(cfg.runtime.channel_capacity)
+        bounded = lockstep(cfg) or cfg.clock.max_ahead > 0
+        # A bounded slow core has at most max_ahead + 2 outputs untaken: none is ever dropped.
+        self.inputs = TickMailbox(max(cfg.runtime.channel_capacity, cfg.clock.max_ahead + 2))
+        self._take = self.inputs.take_oldest if bounded else self.inputs.take_newest
         self._send = send
 
     def run(self) -> None:
@@ -177,7 +182,7 @@ class FastLoop(_Loop):
         batch, last = cfg.data.batch_size, -1
         while not self._stop.is_set():
             w0 = time.perf_counter()
-            taken = self.inputs.take_newest(POLL_S)
+            taken = self._take(POLL_S)
             t0 = time.perf_counter()
             fig.wait_s += t0 - w0
             if taken is None:

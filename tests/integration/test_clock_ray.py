@@ -49,7 +49,7 @@ def _run(out: Path, method: str) -> dict[str, Any]:
         "train": {"steps": STEPS, "log_every": 10, "progress": False},
         "runtime": {"backend": "ray", "timeout_s": 120, "stall_timeout_s": 60},
     }
-    summary = decoupled.train(config, out=out)
+    summary: dict[str, Any] = decoupled.train(config, out=out)
     assert json.loads((out / "summary.json").read_text())["mode"] == summary["mode"]
     return summary
 

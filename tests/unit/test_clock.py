@@ -117,7 +117,10 @@ def test_mailbox_keeps_the_newest_and_counts_what_it_drops() -> None:
     assert not box.wait(0.01)
     box.put(8, torch.zeros(1))
     assert box.wait(0.0) and box.wait(0.0)  # waiting takes nothing
-    assert [t for t, _ in box.drain()] == [8]
+    box.put(9, torch.ones(1))
+    oldest = box.take_oldest(0.0)
+    assert oldest is not None and oldest[0] == 8
+    assert [t for t, _ in box.drain()] == [9]
     threading.Timer(0.05, box.close).start()
     t0 = time.perf_counter()
     assert box.take_newest(5.0) is None and time.perf_counter() - t0 < 2.0
