@@ -22,7 +22,7 @@ import torch
 from decoupled.config import Config, config_to_dict, parse_config
 from decoupled.metrics import RunLog
 from decoupled.ray_runtime.connect import init_ray
-from decoupled.recurrent.clock_trainer import FastLoop, SlowLoop, _Loop, clock_summary
+from decoupled.recurrent.clock_trainer import FastLoop, SlowLoop, _Loop, clock_summary, lockstep
 
 IN_FLIGHT = 64  # unanswered deliveries per actor
 CALL_TIMEOUT_S = 60.0  # a control call or a delivery that takes longer means the peer is gone
@@ -30,14 +30,22 @@ POLL_EVERY_S = 0.5
 
 
 class _Outbox:
-    """Calls to the peer's ``deliver``, at most ``IN_FLIGHT`` unanswered."""
+    """Calls to the peer's ``deliver``, at most ``IN_FLIGHT`` unanswered. ``wait=False`` (the
+    unbounded decoupled slow core, whose outputs the fast core may skip anyway): a message that
+    finds the bound reached is not sent (counted in ``unsent``) rather than waited for."""
 
-    def __init__(self, peer: Any) -> None:
-        self.peer = peer
+    def __init__(self, peer: Any, wait: bool = True) -> None:
+        self.peer, self.wait = peer, wait
         self.pending: list[Any] = []
+        self.unsent = 0
 
     def send(self, tick: int, tensor: torch.Tensor) -> float:
         """Seconds spent waiting for the peer to answer earlier calls."""
+        if not self.wait and len(self.pending) >= IN_FLIGHT:
+            _, self.pending = ray.wait(self.pending, num_returns=len(self.pending), timeout=0)
+            if len(self.pending) >= IN_FLIGHT:
+                self.unsent += 1
+                return 0.0
         self.pending.append(self.peer.deliver.remote(tick, tensor))
         if len(self.pending) <= IN_FLIGHT:
             return 0.0
@@ -69,7 +77,11 @@ class _CoreActor:
         self.loop.start()
 
     def poll(self) -> dict[str, Any]:
-        return self.loop.report()
+        return self._report()
+
+    def _report(self) -> dict[str, Any]:
+        unsent = self.outbox.unsent if self.outbox is not None else 0
+        return {**self.loop.report(), "unsent": unsent}
 
     def stop(self) -> None:
         self.loop.stop()
@@ -79,7 +91,7 @@ class _CoreActor:
         if not self.loop.join(timeout_s):
             self.loop.stop()
             self.loop.join(CALL_TIMEOUT_S)
-        return self.loop.report()
+        return self._report()
 
     def _send(self, tick: int, tensor: torch.Tensor) -> float:
         assert self.outbox is not None, "connect first"
@@ -92,7 +104,8 @@ class SlowActor(_CoreActor):
         self.loop = self.slow = SlowLoop(self.cfg, self._send, self._end)
 
     def connect(self, fast: Any) -> None:
-        self.outbox = _Outbox(fast)
+        unbounded = not lockstep(self.cfg) and self.cfg.clock.max_ahead == 0
+        self.outbox = _Outbox(fast, wait=not unbounded)
 
     def deliver(self, tick: int, grad: torch.Tensor) -> None:
         """g_j from the fast core."""

@@ -9,7 +9,8 @@ fresh data, predicted before the update on it), each core's ``samples_per_s`` (s
 the batch, per second of its own loop), ``slow_wait_s`` / ``slow_wait_fraction`` (how long the
 slow core was blocked on the fast one: in lockstep waiting for g_j, in both modes handing o_j
 over), ``fast_wait_s`` (the fast core waiting for o_j), ``skipped_chunks`` (chunks the fast core
-passed over because a newer o_j had come).
+passed over because a newer o_j had come), ``unsent_outputs`` (Ray: o_j the unbounded slow
+actor did not send because the fast actor had not answered its earlier deliveries).
 """
 
 from __future__ import annotations
@@ -272,6 +273,8 @@ def clock_summary(
             "slow_wait_fraction": slow["wait_fraction"],
             "fast_wait_s": fast["wait_s"],
             "skipped_chunks": fast["skipped_chunks"],
+            # Outputs the slow actor did not send: its bound on unanswered calls was reached.
+            "unsent_outputs": slow.get("unsent", 0),
             "slow_chunks": slow["chunks"],
             "fast_chunks": fast["chunks"],
         },
