@@ -22,7 +22,7 @@ import torch
 from decoupled.config import Config, config_to_dict, parse_config
 from decoupled.metrics import RunLog
 from decoupled.ray_runtime.connect import init_ray
-from decoupled.recurrent.clock_trainer import FastLoop, SlowLoop, _Loop, clock_summary, lockstep
+from decoupled.recurrent.clock_trainer import CoreLoop, FastLoop, SlowLoop, clock_summary, lockstep
 
 IN_FLIGHT = 64  # unanswered deliveries per actor
 CALL_TIMEOUT_S = 60.0  # a control call or a delivery that takes longer means the peer is gone
@@ -63,7 +63,7 @@ class _Outbox:
 
 
 class _CoreActor:
-    loop: _Loop
+    loop: CoreLoop
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.cfg: Config = parse_config(config)

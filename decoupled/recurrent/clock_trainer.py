@@ -38,7 +38,7 @@ def lockstep(cfg: Config) -> bool:
     return cfg.method.name == "backprop"
 
 
-class _Loop:
+class CoreLoop:
     """A core's compute thread: ``start``, ``stop``, ``join``; an exception ends it and is kept
     in ``error`` for the driver's poll."""
 
@@ -89,7 +89,7 @@ class _Loop:
         raise NotImplementedError
 
 
-class SlowLoop(_Loop):
+class SlowLoop(CoreLoop):
     """Ticks ``train.steps`` times; sends each o_j; updates from the synthesizer at once
     (decoupled) or from g_j once it has come (lockstep); trains the synthesizer on the g_j that
     arrived meanwhile. ``targets`` is where the fast core's g_j land."""
@@ -162,7 +162,7 @@ class SlowLoop(_Loop):
         raise TimeoutError(f"no gradient for tick {tick} from the fast core within {timeout:g}s")
 
 
-class FastLoop(_Loop):
+class FastLoop(CoreLoop):
     """Takes the newest o_j (an unbounded decoupled slow core: the fast core reads its latest
     output and skips the chunks it passed over, starting a fresh state after a gap) or the next
     one in order (lockstep, or ``clock.max_ahead`` > 0, which bound the slow core), runs chunk
