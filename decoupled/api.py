@@ -109,7 +109,16 @@ def run_training(
     """Train as configured, writing everything into ``out_dir``; returns the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
-    if cfg.model.name == "lstm":  # recurrent DNI: its own in-process trainer, for now
+    if cfg.model.name == "lstm" and cfg.stages == 2:  # two cores at two clock rates
+        if cfg.runtime.backend == "local":
+            from decoupled.recurrent.clock_trainer import run_clock_local
+
+            summary = run_clock_local(cfg, out_dir)
+        else:
+            from decoupled.ray_runtime.clock import train_clock_on_ray
+
+            summary = train_clock_on_ray(cfg, out_dir)
+    elif cfg.model.name == "lstm":  # recurrent DNI: its own in-process trainer, for now
         from decoupled.recurrent.trainer import run_recurrent
 
         summary = run_recurrent(cfg, out_dir)

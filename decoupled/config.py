@@ -31,9 +31,11 @@ REPLICA_METHODS = ("ddp",)
 DATASETS = ("digits", "mnist", "mnist10k", "fashion_mnist", "cifar10", "teacher")
 MODELS = ("fcn", "cnn", "resnet", "lstm", "gpt")
 # Sequence tasks of the recurrent model (decoupled/recurrent/).
-RECURRENT_DATASETS = ("copy", "repeat_copy", "charlm")
+RECURRENT_DATASETS = ("copy", "repeat_copy", "charlm", "lag_copy")
 # Text as (B, T) token windows with (B, T) next-token labels, for model.name=gpt.
 TEXT_DATASETS = ("charlm",)
+# The task of two lstm cores at two clock rates (stages=2; decoupled/recurrent/clock.py).
+CLOCK_DATASETS = ("lag_copy",)
 RECURRENT_METHODS = ("backprop", "dni")
 
 
@@ -251,6 +253,24 @@ class RecurrentConfig:
 
 
 @dataclass
+class ClockConfig:
+    """Two lstm cores at two clock rates (model.name=lstm with stages=2; recurrent/clock.py)."""
+
+    # k: the slow core ticks once every k steps, on those k steps' inputs at once.
+    every: int = field(default=4, metadata={"min": 1})
+    # Units of the slow core's LSTM layers (model.hidden: the fast core's).
+    slow_hidden: int = field(default=128, metadata={"min": 1})
+    # Width of the slow core's output, which the fast core reads at every step.
+    interface: int = field(default=32, metadata={"min": 1})
+    # Decoupled, on threads or actors: the most ticks the slow core may be ahead of the newest
+    # true gradient it has received (it waits beyond that); 0: unbounded, it never waits.
+    max_ahead: int = field(default=0, metadata={"min": 0})
+    # An artificial pause per chunk of each core (tests and benchmarks of the waiting).
+    slow_delay_s: float = field(default=0.0, metadata={"min": 0.0})
+    fast_delay_s: float = field(default=0.0, metadata={"min": 0.0})
+
+
+@dataclass
 class Config:
     # numpy's legacy seeding accepts only 0 .. 2**32 - 1.
     seed: int = field(default=0, metadata={"min": 0, "max": 2**32 - 1})
@@ -264,6 +284,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     recurrent: RecurrentConfig = field(default_factory=RecurrentConfig)
+    clock: ClockConfig = field(default_factory=ClockConfig)
 
 
 # --- loading and validation -------------------------------------------------------------------
@@ -668,8 +689,9 @@ def _backend_keys(section: Any, path: str = "") -> list[tuple[str, str, Any, Any
 
 
 def _check_recurrent(cfg: Config, add: Callable[[str, str], None]) -> None:
-    """The lstm model and the sequence tasks go together, on one local stage, for now; the gpt
-    model and text go together (a user's dataset may give it token windows too)."""
+    """The lstm model and the sequence tasks go together: one local stage, or two cores at two
+    clock rates (stages=2, lag_copy) on either backend; the gpt model and text go together (a
+    user's dataset may give it token windows too)."""
     recurrent_data = cfg.data.name in RECURRENT_DATASETS
     if cfg.model.name == "gpt":
         if cfg.data.name not in TEXT_DATASETS and ":" not in cfg.data.name:
@@ -692,15 +714,29 @@ def _check_recurrent(cfg: Config, add: Callable[[str, str], None]) -> None:
             "model.name=lstm supports backprop (truncated BPTT) and dni (synthetic gradients "
             f"at the truncation boundaries), got {cfg.method.name!r}",
         )
-    if cfg.runtime.backend != "local":
+    if cfg.stages == 2:  # two cores at two clock rates, on the local or the Ray backend
+        if recurrent_data and cfg.data.name not in CLOCK_DATASETS:
+            add(
+                "data.name",
+                f"model.name=lstm with stages=2 (two cores at two clock rates) needs one of: "
+                f"{', '.join(CLOCK_DATASETS)}, got {cfg.data.name!r}",
+            )
+    elif cfg.stages != 1:
         add(
-            "runtime.backend",
-            "model.name=lstm runs with runtime.backend=local only (recurrent models on Ray "
-            "actors are not built yet)",
+            "stages",
+            "model.name=lstm runs as one stage (stages=1) or as two cores at two clock rates "
+            f"(stages=2), got {cfg.stages}",
         )
-    if cfg.stages != 1:
-        add("stages", f"model.name=lstm runs as one stage: set stages=1, got {cfg.stages}")
-    if cfg.data.name in ("copy", "repeat_copy") and cfg.train.steps is None:
+    else:
+        if cfg.data.name in CLOCK_DATASETS:
+            add("stages", f"data.name={cfg.data.name} needs two cores: set stages=2")
+        if cfg.runtime.backend != "local":
+            add(
+                "runtime.backend",
+                "model.name=lstm with stages=1 runs with runtime.backend=local only (on Ray "
+                "actors: the two-core system, stages=2 with data.name=lag_copy)",
+            )
+    if cfg.data.name in ("copy", "repeat_copy", *CLOCK_DATASETS) and cfg.train.steps is None:
         add("train.steps", f"data.name={cfg.data.name} has no epochs: set the number of batches")
 
 

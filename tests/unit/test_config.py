@@ -317,7 +317,7 @@ def test_apply_overrides_helper() -> None:
     raw: dict[str, Any] = {"optim": None}
     assert apply_overrides(raw, ["optim.lr=0.5", "stages=3", "nope=1"]) == [
         "nope: unknown key; allowed keys: seed, stages, data, model, method, optim, train, "
-        "runtime, logging, checkpoint, recurrent (in override 'nope=1')"
+        "runtime, logging, checkpoint, recurrent, clock (in override 'nope=1')"
     ]
     assert raw == {"optim": {"lr": 0.5}, "stages": 3}
 

@@ -227,11 +227,14 @@ def _cfg(*overrides: str) -> Config:
 
 def test_config_refuses_what_the_recurrent_model_cannot_do() -> None:
     with pytest.raises(ConfigError) as err:
-        _cfg("runtime.backend=ray", "method.name=cdni", "stages=2")
+        _cfg("runtime.backend=ray", "method.name=cdni")
     text_ = str(err.value)
-    assert "runtime.backend: model.name=lstm runs with runtime.backend=local only" in text_
+    assert "runtime.backend: model.name=lstm with stages=1 runs with runtime.backend=local" in text_
     assert "method.name: model.name=lstm supports backprop" in text_
-    assert "stages: model.name=lstm runs as one stage" in text_
+    with pytest.raises(ConfigError, match=r"stages: model\.name=lstm runs as one stage"):
+        _cfg("stages=3")
+    with pytest.raises(ConfigError, match=r"data\.name: model\.name=lstm with stages=2"):
+        _cfg("stages=2")  # two cores run lag_copy, not copy
     with pytest.raises(ConfigError, match=r"data.name: 'copy' is a sequence task"):
         _cfg("model.name=fcn")
     with pytest.raises(ConfigError, match=r"data\.name: model\.name=lstm needs one of"):
