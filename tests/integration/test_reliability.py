@@ -57,18 +57,47 @@ def _wait_for_step(out: Path, step: int, timeout: float) -> None:
         time.sleep(0.2)
 
 
-_undisturbed: dict[str, float] = {}  # one in-process reference for both faults
+_undisturbed: dict[str, float] = {}  # one in-process reference per method
 
 
-@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP])
+# (method, its run): cDNI on three stages, each fault; the methods that landed later on two
+# stages (ddp: two replicas, whose process group a restart must open again), a kill each.
+KILLS = {
+    "cdni": ["method.name=cdni", "stages=3", "train.epochs=12"],
+    "dgl": ["method.name=dgl", "stages=2", "train.epochs=30"],
+    "delayed": ["method.name=delayed", "stages=2", "train.epochs=30"],
+    "ddp": ["method.name=ddp", "stages=2", "train.epochs=30"],
+}
+
+
+def _reference_accuracy(method: str, digits: Dataset) -> float:
+    """The same run undisturbed, in-process (ddp, actors only: backprop on its global batch)."""
+    if method not in _undisturbed:
+        common = KILLS[method] if method != "ddp" else [*KILLS[method][2:], "stages=1"]
+        name = "method.name=backprop" if method == "ddp" else KILLS[method][0]
+        cfg = digits_config(*common, name, "runtime.backend=local")
+        _undisturbed[method] = LocalTrainer(cfg, digits).run()["test_accuracy"]
+    return _undisturbed[method]
+
+
+@pytest.mark.parametrize(
+    ("method", "fault"),
+    [
+        ("cdni", signal.SIGKILL),
+        ("cdni", signal.SIGSTOP),
+        ("dgl", signal.SIGKILL),
+        ("delayed", signal.SIGKILL),
+        ("ddp", signal.SIGKILL),
+    ],
+)
 def test_a_killed_or_hung_stage_is_restarted_and_the_run_finishes(
-    digits: Dataset, tmp_path: Path, fault: signal.Signals
+    digits: Dataset, tmp_path: Path, method: str, fault: signal.Signals
 ) -> None:
-    common = ["method.name=cdni", "stages=3", "train.epochs=12"]
-    cfg = digits_config(*common, "checkpoint.every=40", "runtime.stall_timeout_s=5")
+    every, at = (40, 90) if method == "cdni" else (25, 60)
+    cfg = digits_config(*KILLS[method], f"checkpoint.every={every}", "runtime.stall_timeout_s=5")
     job = RayJob(cfg, digits, tmp_path)
     thread, result = _run_in_background(job, tmp_path)
-    _wait_for_step(tmp_path, 90, timeout=120)
+    _wait_for_step(tmp_path, at, timeout=120)
     os.kill(job.described[1]["pid"], fault)
     thread.join(timeout=240)
     assert not thread.is_alive(), "the run did not finish after the fault"
@@ -78,11 +107,8 @@ def test_a_killed_or_hung_stage_is_restarted_and_the_run_finishes(
     assert summary["steps"] == cfg.train.epochs * (1438 // 64)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     restarts = [r for r in records if r["event"] == "restart"]
-    assert len(restarts) == 1 and restarts[0]["step"] >= 40  # resumed from a cut, not from 0
-    if "accuracy" not in _undisturbed:
-        local = LocalTrainer(digits_config(*common, "runtime.backend=local"), digits)
-        _undisturbed["accuracy"] = local.run()["test_accuracy"]
-    assert summary["test_accuracy"] >= _undisturbed["accuracy"] - 0.05
+    assert len(restarts) == 1 and restarts[0]["step"] >= every  # resumed from a cut, not from 0
+    assert summary["test_accuracy"] >= _reference_accuracy(method, digits) - 0.05
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
