@@ -57,9 +57,12 @@ SUMMARY_STAGE_KEYS = (
     "target_wait_s",
     "sg_updates",
     "sg_compute_s",
+    "replay_updates",
     *(k for k in PER_STAGE_KEYS if k != "staleness_counts"),
 )
-OPTIONAL_STAGE_KEYS = frozenset({"restarts", "gpu_mem_mb", "gpu_max_mem_mb", "gpu_util"})
+OPTIONAL_STAGE_KEYS = frozenset(
+    {"restarts", "gpu_mem_mb", "gpu_max_mem_mb", "gpu_util", "replay_updates"}
+)
 
 # The steady-state window of a run opens at this fraction of its steps: actor start-up, the
 # pipeline fill and early evaluations fall before it.

@@ -35,6 +35,7 @@ class StageStats:
     sg_compute_s: float = 0.0
     sg_updates: int = 0
     targets_expired: int = 0
+    replay_updates: int = 0  # updates on replayed inputs (dgl's replay), none of new data
     staleness_counts: Counter[int] = field(default_factory=Counter)
     # The latest SG fits, for end-of-run figures that do not depend on when the window was read.
     recent_sg_loss: deque[float] = field(default_factory=lambda: deque(maxlen=50))
@@ -84,6 +85,7 @@ class StageStats:
             "sg_updates": self.sg_updates,
             "sg_compute_s": self.sg_compute_s,
             "targets_expired": self.targets_expired,
+            "replay_updates": self.replay_updates or None,
             **staleness_figures(self.staleness_counts),
         }
 
