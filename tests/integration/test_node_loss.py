@@ -1,15 +1,18 @@
-"""Losing a worker node of a real local Ray cluster mid-run: its stage moves and the run finishes.
+"""Losing a worker node of a real local Ray cluster mid-run: its stages move and the run finishes.
 
-A head and two workers, one CPU each, run a two-stage job, so one CPU is spare. Once the first
-checkpoint cut is sealed, the test SIGKILLs every process of a worker node that hosts a stage
-(raylet, agents and the actor: a machine gone without a word). The controller must notice at
-once, place both stages again on the two nodes left, resume from the last sealed cut, and finish.
+A head of one CPU and two workers of 6 and 2 CPUs run a two-stage job of one CPU per stage: Ray
+packs both stages on the larger worker. Once the first checkpoint cut is sealed, the test
+SIGKILLs every process of that node (raylet, agents and actors: a machine gone without a word).
+The controller must notice at once, place both stages again on the nodes left (the smaller
+worker holds them), resume from the last sealed cut, and finish.
 
 Ray's health checks are left at their defaults on purpose: the GCS marks the node dead about 13 s
-after the kill, and the controller must not wait for that: its new placement group keeps off the
-lost node explicitly, and is placed within PLACED_S of the restart being reported (the test
-watches the GCS's placement groups as a second driver). Which node holds a stage is read from
-the processes of each node's session (a Ray worker titled ``ray::StageActor...``)."""
+after the kill, and until then it still counts the 4 CPUs the lost node had free, which makes it
+Ray's first choice for a new placement group of two bundles. The controller must not wait for
+that: its new placement group keeps off the lost node explicitly, and is placed within PLACED_S
+of the restart being reported (the test watches the GCS's placement groups as a second driver).
+Which node holds a stage is read from the processes of each node's session (a Ray worker titled
+``ray::StageActor...``)."""
 
 from __future__ import annotations
 
@@ -36,6 +39,9 @@ EVERY = 25
 # runtime.stall_timeout_s): only the failure itself can have triggered the restart.
 NOTICE_S = 30.0
 PLACED_S = 3.0
+# The lost node must look better to Ray than the nodes left: it still shows free CPUs after
+# the loss (6 - 2 stages), and more than any live node.
+WORKER_CPUS = (6, 2)
 
 
 # A second driver of the cluster, in a process of its own (Ray reads the token once per
@@ -113,7 +119,8 @@ class PlacementWatch:
 
 @pytest.fixture(scope="module")
 def three_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    with local_cluster(tmp_path_factory.mktemp("ray-node-loss"), workers=2) as cluster:
+    logs = tmp_path_factory.mktemp("ray-node-loss")
+    with local_cluster(logs, workers=2, worker_cpus=WORKER_CPUS) as cluster:
         yield cluster
 
 
@@ -174,10 +181,10 @@ def test_losing_a_worker_node_moves_its_stage_and_the_run_finishes(
     try:
         checkpoints = out / "checkpoints"
         _wait("sealed cut", lambda: bool(complete_steps(checkpoints)), process, 120)
-        # Two bundles of one CPU over three one-CPU nodes: at least one worker holds a stage.
-        hosting = [n for n in (1, 2) if cluster.hosts(n, "ray::StageActor")]
-        assert hosting, "no worker node hosts a stage"
-        lost, kept = hosting[0], 3 - hosting[0]
+        # Ray packs both one-CPU bundles on the node with the most room.
+        hosting = [n for n in (0, 1, 2) if cluster.hosts(n, "ray::StageActor")]
+        assert hosting == [1], f"the stages are on nodes {hosting}, not both on the large worker"
+        lost, kept = 1, 2
         lost_id, alive = cluster.node_id(lost), {cluster.node_id(0), cluster.node_id(kept)}
         sealed = complete_steps(checkpoints)[-1]
         cluster.kill_node(lost)
@@ -226,6 +233,6 @@ def test_losing_a_worker_node_moves_its_stage_and_the_run_finishes(
     assert summary["steps"] == STEPS
     assert summary["restarts"] >= 1
     assert event["step"] >= sealed >= EVERY  # from the last sealed cut, not from the start
-    assert set(summary["nodes"]) == alive and lost_id not in summary["nodes"]
-    assert {stage["node_id"] for stage in summary["stages"]} == alive
+    assert set(summary["nodes"]) <= alive and lost_id not in summary["nodes"]
+    assert {stage["node_id"] for stage in summary["stages"]} <= alive
     assert summary["test_accuracy"] > 0.8
