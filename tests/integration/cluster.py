@@ -56,6 +56,13 @@ class LocalCluster:
         """Whether ``node`` runs a Ray worker whose process title starts with ``title``."""
         return bool(self.pids(node, title))
 
+    def freeze_node(self, node: int) -> None:
+        """SIGSTOP everything of ``node``, as if its machine hung: the kernel still accepts
+        connections to its ports, and nothing answers on them. ``kill_node`` ends it."""
+        for pid in self.processes(node):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGSTOP)
+
     def kill_node(self, node: int) -> None:
         """SIGKILL everything of ``node`` at once, as if its machine were lost: no drain, no
         goodbye to the GCS, which must find out by itself."""
