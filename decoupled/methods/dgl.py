@@ -13,7 +13,8 @@ first keeps its last ``replay`` inputs with their labels, and whenever its produ
 no new input is ready it trains once more on one of them, drawn at random, instead of waiting;
 nothing of a replay is sent on. Replayed passes count as updates for ``optim.accumulate`` and the
 learning-rate schedule; the buffer is not part of a checkpoint (it refills within ``replay``
-steps).
+steps). A replaying stage never waits, so where stages share CPU cores it takes time from its
+producer: replay is for stages on devices of their own.
 """
 
 from __future__ import annotations
