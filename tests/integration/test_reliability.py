@@ -91,6 +91,7 @@ def _reference_accuracy(method: str, digits: Dataset) -> float:
 @pytest.mark.parametrize(
     ("method", "fault"),
     [("cdni", signal.SIGKILL), ("cdni", signal.SIGSTOP), ("delayed", signal.SIGKILL)],
+    ids=["cdni-SIGKILL", "cdni-SIGSTOP", "delayed-SIGKILL"],
 )
 def test_a_killed_or_hung_stage_is_restarted_and_the_run_finishes(
     digits: Dataset, tmp_path: Path, method: str, fault: signal.Signals
