@@ -131,6 +131,9 @@ class DGLConfig:
     hidden: int = field(default=256, metadata={"min": 1})
     # Feature maps are average-pooled to pool x pool before the head (DGL's auxiliary nets).
     pool: int = field(default=2, metadata={"min": 1})
+    # Asynchronous DGL: a stage whose next input is not ready yet trains again on one of its
+    # last `replay` inputs, drawn at random, instead of waiting (0: off; it waits).
+    replay: int = field(default=0, metadata={"min": 0})
 
 
 @dataclass

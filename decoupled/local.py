@@ -118,6 +118,14 @@ class LocalTrainer:
         if self.probe_every and (step + 1) % self.probe_every == 0:
             self.probe(step + 1, x, y)
 
+    def idle(self, index: int) -> bool:
+        """Stage ``index`` (after the first) finds no new input between two steps, as when its
+        producer is slower: its ``idle`` event, here at a moment the caller chooses; whether
+        it did work meanwhile (dgl's replay)."""
+        if index < 1:
+            raise ValueError("stage 0 reads the data: it never waits for input")
+        return self.stages[index].idle()
+
     def probe(self, seq: int, x: torch.Tensor, y: torch.Tensor) -> None:
         """The exact gradient of batch (x, y) at every boundary, compared by each stage with
         its synthetic gradient; nothing is updated."""

@@ -59,9 +59,12 @@ SUMMARY_STAGE_KEYS = (
     "sg_compute_s",
     # Seconds this stage spent on probe batches (method.sg.probe_every): the probe's cost.
     "probe_s",
+    "replay_updates",
     *(k for k in PER_STAGE_KEYS if k != "staleness_counts"),
 )
-OPTIONAL_STAGE_KEYS = frozenset({"restarts", "gpu_mem_mb", "gpu_max_mem_mb", "gpu_util"})
+OPTIONAL_STAGE_KEYS = frozenset(
+    {"restarts", "gpu_mem_mb", "gpu_max_mem_mb", "gpu_util", "replay_updates"}
+)
 
 # The steady-state window of a run opens at this fraction of its steps: actor start-up, the
 # pipeline fill and early evaluations fall before it.

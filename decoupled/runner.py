@@ -262,7 +262,11 @@ class StageRunner:
         handled here; ends at STOP or ``stop()``. ``between`` runs before every receive."""
         while not self._stop.is_set():
             between()
-            message = self._next_input()
+            # A look first: with no input ready between steps, the method may work meanwhile
+            # (dgl's replay); the receive waits only when it has nothing to do.
+            message = self._next_input(timeout=0.0)
+            if message is None and not self.stage.idle():
+                message = self._next_input()
             if message is None:
                 continue
             if message.kind is Kind.TRAIN:
@@ -327,8 +331,9 @@ class StageRunner:
         if sends.backward is not None and self.backward_out is not None:
             self.backward_out.send(BackwardMessage(message.seq, sends.backward, Kind.PROBE))
 
-    def _next_input(self) -> ForwardMessage | None:
-        """Stage 0 reads the stream; the others wait (briefly, to re-check stop) for a message."""
+    def _next_input(self, timeout: float = POLL_S) -> ForwardMessage | None:
+        """Stage 0 reads the stream; the others wait (at most ``timeout``, to re-check stop)
+        for a message."""
         if self.stage.is_first:
             if self.step >= self.settings.schedule.total_steps:
                 return ForwardMessage(self.step, Kind.STOP, torch.empty(0), torch.empty(0))
@@ -338,7 +343,7 @@ class StageRunner:
         assert self.forward_in is not None
         self._sample_depth()
         start = time.perf_counter()
-        message = self.forward_in.recv(timeout=POLL_S)
+        message = self.forward_in.recv(timeout=timeout)
         self.figures.input_wait_s += time.perf_counter() - start
         assert message is None or isinstance(message, ForwardMessage)
         return message

@@ -38,6 +38,7 @@ class StageStats:
     probe_s: float = 0.0  # the probe's passes (on top of compute_s)
     sg_updates: int = 0
     targets_expired: int = 0
+    replay_updates: int = 0  # updates on replayed inputs (dgl's replay), none of new data
     staleness_counts: Counter[int] = field(default_factory=Counter)
     # The latest SG fits, for end-of-run figures that do not depend on when the window was read.
     recent_sg_loss: deque[float] = field(default_factory=lambda: deque(maxlen=50))
@@ -88,6 +89,7 @@ class StageStats:
             "sg_compute_s": self.sg_compute_s,
             "probe_s": self.probe_s,
             "targets_expired": self.targets_expired,
+            "replay_updates": self.replay_updates or None,
             **staleness_figures(self.staleness_counts),
         }
 

@@ -7,7 +7,9 @@ plus whatever the method adds beside it (a synthesizer, held graphs, stashed wei
 A ``MethodStage`` answers three events, and each answer says what to send on (``Sends``):
 - ``forward(seq, x, labels)``: a training micro-batch arrived (at stage 0: from the data);
 - ``backward(seq, grad)``: a message came back from the next stage for micro-batch ``seq``;
-- ``end_step()``: every micro-batch of the step has been forwarded and ``backward_due()`` is 0.
+- ``end_step()``: every micro-batch of the step has been forwarded and ``backward_due()`` is 0;
+- ``idle()``: between steps, no input is ready for this stage (its producer is slower); it may
+  do work of its own meanwhile (dgl's replay) and says whether it did.
 
 The loops that drive these events (``runner.StageRunner`` on an actor, ``local.LocalTrainer`` in
 one process) know nothing of any method: adding one is a module in this package and a name in
@@ -103,6 +105,12 @@ class MethodStage(ABC):
 
     def end_step(self) -> None:  # noqa: B027 (most methods do nothing here)
         """The step's micro-batches are all through (and its due backward messages)."""
+
+    def idle(self) -> bool:
+        """No input is ready for this stage, between two steps: True when it did work of its
+        own meanwhile (the loop then looks for input again at once), False when it has none
+        (the loop waits for input). Never called inside a step, nor at stage 0 of a chain."""
+        return False
 
     def agree(self, flag: bool) -> bool:
         """``flag`` as every stage that reads the data sees it (replicas agree on a checkpoint

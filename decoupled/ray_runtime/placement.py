@@ -2,8 +2,10 @@
 
 When a node's machine is lost, the GCS marks it dead only after its health checks have failed
 for a while (about 13 s with Ray's defaults). Until then it still counts the node's free
-resources, so a new placement group may be given a bundle there, and waits on it. The restart
-knows better: a node whose raylet refuses or ignores a connection cannot host anything, so its
+resources, so a new placement group may be given a bundle there, and waits on it (on a node
+that hangs, for as long as the GCS takes to mark it dead; a refused connection the GCS gets over
+by itself within a second or two). The restart knows better: a node whose raylet refuses a
+connection or does not answer on it cannot host anything, so its
 ID is excluded from every bundle through Ray's ``ray.io/node-id`` label (a label selector per
 bundle, Ray >= 2.49). A node whose stage actor died while its raylet answers is kept: the
 process was lost, not the machine, and its resources are still there.
@@ -53,13 +55,23 @@ def bundle_selectors(num_bundles: int, excluded: Iterable[str]) -> list[dict[str
     return [{NODE_ID_LABEL: f"!in({','.join(ids)})"} for _ in range(num_bundles)]
 
 
+# What an HTTP/2 client sends first: the connection preface and an empty SETTINGS frame. A gRPC
+# server (a raylet) answers it with a SETTINGS frame of its own at once.
+_HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
 def raylet_reachable(address: str, port: int, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
-    """Whether a TCP connection to a raylet opens: refused at once on a machine whose processes
-    are gone, unanswered on one that dropped off the network."""
+    """Whether a raylet answers within ``timeout_s``: a connection is refused at once on a
+    machine whose processes are gone and unanswered on one that dropped off the network; on a
+    machine that hangs (or whose processes are stopped) the kernel still accepts it, but
+    nothing replies to the HTTP/2 preface. A reply of any kind, even a close, is an answer."""
     try:
-        with socket.create_connection((address, port), timeout=timeout_s):
+        with socket.create_connection((address, port), timeout=timeout_s) as connection:
+            connection.settimeout(timeout_s)
+            connection.sendall(_HTTP2_HELLO)
+            connection.recv(1)
             return True
-    except OSError:
+    except OSError:  # refused, unreachable, reset, or silent (TimeoutError)
         return False
 
 

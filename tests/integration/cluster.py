@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +55,13 @@ class LocalCluster:
     def hosts(self, node: int, title: str) -> bool:
         """Whether ``node`` runs a Ray worker whose process title starts with ``title``."""
         return bool(self.pids(node, title))
+
+    def freeze_node(self, node: int) -> None:
+        """SIGSTOP everything of ``node``, as if its machine hung: the kernel still accepts
+        connections to its ports, and nothing answers on them. ``kill_node`` ends it."""
+        for pid in self.processes(node):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGSTOP)
 
     def kill_node(self, node: int) -> None:
         """SIGKILL everything of ``node`` at once, as if its machine were lost: no drain, no
@@ -134,10 +141,12 @@ def local_cluster(
     workers: int = 1,
     dashboard: bool = False,
     extra_env: dict[str, str] | None = None,
+    worker_cpus: Sequence[int] = (),
 ) -> Iterator[LocalCluster]:
-    """A head and ``workers`` worker nodes, one CPU and no GPU each; token auth as Ray >= 2.59
-    requires for local clusters (one shared secret for every process). ``extra_env`` reaches
-    every node and client (e.g. ``RAY_*`` system settings)."""
+    """A head of one CPU and ``workers`` worker nodes, no GPU, of one CPU each or of
+    ``worker_cpus[i]`` CPUs;
+    token auth as Ray >= 2.59 requires for local clusters (one shared secret for every
+    process). ``extra_env`` reaches every node and client (e.g. ``RAY_*`` system settings)."""
     port = free_port()
     env = {
         **os.environ,
@@ -149,7 +158,6 @@ def local_cluster(
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
     common = [
-        "--num-cpus=1",
         "--num-gpus=0",
         f"--object-store-memory={OBJECT_STORE_BYTES}",
         "--disable-usage-stats",
@@ -161,7 +169,7 @@ def local_cluster(
         return [f"--dashboard-agent-listen-port={free_port()}"]
 
     head_args = ["--head", f"--port={port}", f"--ray-client-server-port={free_port()}"]
-    head_args += [*common, *own_ports()]
+    head_args += ["--num-cpus=1", *common, *own_ports()]
     url = None
     if dashboard:
         dashboard_port = free_port()
@@ -180,7 +188,9 @@ def local_cluster(
         # (Ray 2.60 times out with "Failed to get node info").
         for i in range(workers):
             log = logs / f"worker{i}.log"
-            args = [f"--address=127.0.0.1:{port}", *common, *own_ports()]
+            cpus = worker_cpus[i] if worker_cpus else 1
+            args = [f"--address=127.0.0.1:{port}", f"--num-cpus={cpus}", *common]
+            args += own_ports()
             started.append(_start(args, env, log))
             _wait_for(log, "Ray runtime started", started[-1], START_TIMEOUT_S)
         yield LocalCluster(f"127.0.0.1:{port}", url, env, nodes=list(started))

@@ -1,15 +1,22 @@
-"""Losing a worker node of a real local Ray cluster mid-run: its stage moves and the run finishes.
+"""Losing a worker node of a real local Ray cluster mid-run: its stages move and the run finishes.
 
-A head and two workers, one CPU each, run a two-stage job, so one CPU is spare. Once the first
-checkpoint cut is sealed, the test SIGKILLs every process of a worker node that hosts a stage
-(raylet, agents and the actor: a machine gone without a word). The controller must notice at
-once, place both stages again on the two nodes left, resume from the last sealed cut, and finish.
+A head of one CPU and two workers of 6 and 2 CPUs run a two-stage job of one CPU per stage: Ray
+packs both stages on the larger worker. Once the first checkpoint cut is sealed, the test stops
+every process of that node (SIGSTOP: raylet, agents and actors; a machine that hung, whose
+kernel still accepts connections that nothing answers). The controller must notice (the stage
+answers no poll within runtime.stall_timeout_s), place both stages again on the nodes left
+(the smaller worker holds them), resume from the last sealed cut, and finish.
 
-Ray's health checks are left at their defaults on purpose: the GCS marks the node dead about 13 s
-after the kill, and the controller must not wait for that: its new placement group keeps off the
-lost node explicitly, and is placed within PLACED_S of the restart being reported (the test
-watches the GCS's placement groups as a second driver). Which node holds a stage is read from
-the processes of each node's session (a Ray worker titled ``ray::StageActor...``)."""
+Ray's health checks are left at their defaults on purpose: until the GCS marks the hung node
+dead it still counts the 4 CPUs it had free, which makes it Ray's first choice for a new
+placement group of two bundles, and a group placed there waits (more than 120 s here, measured
+with the exclusion off). The controller must not wait for that: its probe finds the node's
+raylet silent, its new placement group keeps off that node explicitly, and is placed within
+PLACED_S of the restart being reported (the test watches the GCS's placement groups as a second
+driver). A node killed outright refuses connections, which the GCS gets over by itself in 1-2 s
+(also measured), so a hung node is the case that tells the exclusion apart. Which node holds a
+stage is read from the processes of each node's session (a Ray worker titled
+``ray::StageActor...``)."""
 
 from __future__ import annotations
 
@@ -32,10 +39,14 @@ pytestmark = pytest.mark.integration
 
 STEPS = 400
 EVERY = 25
-# Far below every timeout that could also end the attempt (the 60 s limit on a control call,
-# runtime.stall_timeout_s): only the failure itself can have triggered the restart.
-NOTICE_S = 30.0
+# A hung stage is noticed when a poll goes unanswered for STALL_S; far below the 60 s limit on
+# a control call, so only the failure itself can have triggered the restart.
+STALL_S = 10
+NOTICE_S = STALL_S + 15.0
 PLACED_S = 3.0
+# The lost node must look better to Ray than the nodes left: it still shows free CPUs after
+# the loss (6 - 2 stages), and more than any live node.
+WORKER_CPUS = (6, 2)
 
 
 # A second driver of the cluster, in a process of its own (Ray reads the token once per
@@ -113,7 +124,8 @@ class PlacementWatch:
 
 @pytest.fixture(scope="module")
 def three_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    with local_cluster(tmp_path_factory.mktemp("ray-node-loss"), workers=2) as cluster:
+    logs = tmp_path_factory.mktemp("ray-node-loss")
+    with local_cluster(logs, workers=2, worker_cpus=WORKER_CPUS) as cluster:
         yield cluster
 
 
@@ -145,7 +157,7 @@ def _wait(
 
 
 @pytest.mark.timeout(300)
-def test_losing_a_worker_node_moves_its_stage_and_the_run_finishes(
+def test_losing_a_worker_node_moves_its_stages_and_the_run_finishes(
     three_nodes: LocalCluster, tmp_path: Path
 ) -> None:
     cluster, out = three_nodes, tmp_path / "run"
@@ -162,7 +174,7 @@ def test_losing_a_worker_node_moves_its_stage_and_the_run_finishes(
                 f"checkpoint.every={EVERY}",
                 f"runtime.address={cluster.address}",
                 "runtime.timeout_s=60",
-                "runtime.stall_timeout_s=120",
+                f"runtime.stall_timeout_s={STALL_S}",
                 "train.progress=false",
                 "--out",
                 str(out),
@@ -174,14 +186,14 @@ def test_losing_a_worker_node_moves_its_stage_and_the_run_finishes(
     try:
         checkpoints = out / "checkpoints"
         _wait("sealed cut", lambda: bool(complete_steps(checkpoints)), process, 120)
-        # Two bundles of one CPU over three one-CPU nodes: at least one worker holds a stage.
-        hosting = [n for n in (1, 2) if cluster.hosts(n, "ray::StageActor")]
-        assert hosting, "no worker node hosts a stage"
-        lost, kept = hosting[0], 3 - hosting[0]
+        # Ray packs both one-CPU bundles on the node with the most room.
+        hosting = [n for n in (0, 1, 2) if cluster.hosts(n, "ray::StageActor")]
+        assert hosting == [1], f"the stages are on nodes {hosting}, not both on the large worker"
+        lost, kept = 1, 2
         lost_id, alive = cluster.node_id(lost), {cluster.node_id(0), cluster.node_id(kept)}
         sealed = complete_steps(checkpoints)[-1]
-        cluster.kill_node(lost)
-        killed = time.monotonic()
+        cluster.freeze_node(lost)
+        frozen = time.monotonic()
 
         def restart() -> dict[str, Any] | None:
             return next((r for r in _records(out) if r.get("event") == "restart"), None)
@@ -189,14 +201,14 @@ def test_losing_a_worker_node_moves_its_stage_and_the_run_finishes(
         noticed = _wait("restart", lambda: restart() is not None, process, 120)
         event = restart()
         assert event is not None
-        noticed_at = killed + noticed
+        noticed_at = frozen + noticed
 
         def placed_again() -> list[tuple[float, set[str]]]:
-            return sorted(p for p in watch.placed().values() if p[0] > killed)
+            return sorted(p for p in watch.placed().values() if p[0] > frozen)
 
         _wait("placement after the restart", lambda: bool(placed_again()), process, 120)
         placed_at, placed_on = placed_again()[0]
-        placed = placed_at - killed
+        placed = placed_at - frozen
 
         def training_again() -> bool:
             after = _records(out)
@@ -207,15 +219,16 @@ def test_losing_a_worker_node_moves_its_stage_and_the_run_finishes(
         process.wait(timeout=180)
     finally:
         watch.close()
+        cluster.kill_node(1)  # the hung node, for good (the fixture's stop would wait for it)
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10)
     output = (tmp_path / "train.log").read_text(errors="replace")
     print(
-        f"node lost after the cut at step {sealed}: restart {noticed:.1f}s after the kill, "
+        f"node hung after the cut at step {sealed}: restart {noticed:.1f}s after the freeze, "
         f"placed again after {placed:.1f}s, "
         f"training again after {resumed:.1f}s; the run took {time.monotonic() - started:.1f}s, "
-        f"{time.monotonic() - killed:.1f}s of it after the kill"
+        f"{time.monotonic() - frozen:.1f}s of it after the freeze"
     )
     assert process.returncode == 0, output[-4000:]
     assert noticed < NOTICE_S, output[-4000:]
@@ -226,6 +239,6 @@ def test_losing_a_worker_node_moves_its_stage_and_the_run_finishes(
     assert summary["steps"] == STEPS
     assert summary["restarts"] >= 1
     assert event["step"] >= sealed >= EVERY  # from the last sealed cut, not from the start
-    assert set(summary["nodes"]) == alive and lost_id not in summary["nodes"]
-    assert {stage["node_id"] for stage in summary["stages"]} == alive
+    assert set(summary["nodes"]) <= alive and lost_id not in summary["nodes"]
+    assert {stage["node_id"] for stage in summary["stages"]} <= alive
     assert summary["test_accuracy"] > 0.8

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import ray
 import torch
 
 from decoupled.api import run_training
-from decoupled.checkpoint import latest_cut, load_stage
+from decoupled.checkpoint import complete_steps, latest_cut, load_stage
 from decoupled.data import Dataset
 from decoupled.local import LocalTrainer
 from decoupled.ray_runtime.controller import RayJob
@@ -26,12 +27,22 @@ from tests.conftest import DIGITS_CONFIG, digits_config
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_cluster")]
 
 
-def _step(out: Path) -> int:
+def _records(out: Path) -> list[dict[str, Any]]:
     path = out / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines()]
-    return max(steps, default=0)
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [json.loads(line) for line in lines[:-1]] + _whole(lines[-1:])
+
+
+def _whole(lines: list[str]) -> list[dict[str, Any]]:
+    """The last line, unless it is still being written."""
+    try:
+        return [json.loads(line) for line in lines]
+    except json.JSONDecodeError:
+        return []
+
+
+def _step(out: Path) -> int:
+    return max((r.get("step", 0) for r in _records(out)), default=0)
 
 
 def _run_in_background(job: RayJob, out: Path) -> tuple[threading.Thread, dict[str, Any]]:
@@ -57,18 +68,39 @@ def _wait_for_step(out: Path, step: int, timeout: float) -> None:
         time.sleep(0.2)
 
 
-_undisturbed: dict[str, float] = {}  # one in-process reference for both faults
+_undisturbed: dict[str, float] = {}  # one in-process reference per method
 
 
-@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP])
+# cDNI on three stages, each fault; delayed, asynchronous (its late gradients of steps before
+# the cut are lost with the actors, its stashes start empty), a kill. dgl, ddp and delayed in
+# lockstep lose a stage too before the Ctrl-C below, where the restart must be exact.
+KILLS = {
+    "cdni": ["method.name=cdni", "stages=3", "train.epochs=12"],
+    "delayed": ["method.name=delayed", "stages=2", "train.epochs=30"],
+}
+
+
+def _reference_accuracy(method: str, digits: Dataset) -> float:
+    """The same run undisturbed, in-process."""
+    if method not in _undisturbed:
+        cfg = digits_config(*KILLS[method], "runtime.backend=local")
+        _undisturbed[method] = LocalTrainer(cfg, digits).run()["test_accuracy"]
+    return _undisturbed[method]
+
+
+@pytest.mark.parametrize(
+    ("method", "fault"),
+    [("cdni", signal.SIGKILL), ("cdni", signal.SIGSTOP), ("delayed", signal.SIGKILL)],
+    ids=["cdni-SIGKILL", "cdni-SIGSTOP", "delayed-SIGKILL"],
+)
 def test_a_killed_or_hung_stage_is_restarted_and_the_run_finishes(
-    digits: Dataset, tmp_path: Path, fault: signal.Signals
+    digits: Dataset, tmp_path: Path, method: str, fault: signal.Signals
 ) -> None:
-    common = ["method.name=cdni", "stages=3", "train.epochs=12"]
-    cfg = digits_config(*common, "checkpoint.every=40", "runtime.stall_timeout_s=5")
+    every, at = (40, 90) if method == "cdni" else (25, 60)
+    cfg = digits_config(*KILLS[method], f"checkpoint.every={every}", "runtime.stall_timeout_s=5")
     job = RayJob(cfg, digits, tmp_path)
     thread, result = _run_in_background(job, tmp_path)
-    _wait_for_step(tmp_path, 90, timeout=120)
+    _wait_for_step(tmp_path, at, timeout=120)
     os.kill(job.described[1]["pid"], fault)
     thread.join(timeout=240)
     assert not thread.is_alive(), "the run did not finish after the fault"
@@ -78,11 +110,8 @@ def test_a_killed_or_hung_stage_is_restarted_and_the_run_finishes(
     assert summary["steps"] == cfg.train.epochs * (1438 // 64)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     restarts = [r for r in records if r["event"] == "restart"]
-    assert len(restarts) == 1 and restarts[0]["step"] >= 40  # resumed from a cut, not from 0
-    if "accuracy" not in _undisturbed:
-        local = LocalTrainer(digits_config(*common, "runtime.backend=local"), digits)
-        _undisturbed["accuracy"] = local.run()["test_accuracy"]
-    assert summary["test_accuracy"] >= _undisturbed["accuracy"] - 0.05
+    assert len(restarts) == 1 and restarts[0]["step"] >= every  # resumed from a cut, not from 0
+    assert summary["test_accuracy"] >= _reference_accuracy(method, digits) - 0.05
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
@@ -109,48 +138,137 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     assert all(torch.isfinite(t).all() for t in state["module"].values() if t.is_floating_point())
 
 
-# Enough steps after the signal for the cut it asks for to land before the end.
-STEPS = 1000
-RUN = ["method.name=backprop", f"train.steps={STEPS}", "checkpoint.every=100"]
+# Each method's run, with enough steps after the signal for the cut it asks for to land before
+# the end. The methods that landed later run on two stages (ddp: replicas); delayed in lockstep,
+# where its late gradients, and so its weights, do not depend on timing. An even split: the
+# in-process reference must cut the model where the command does.
+SIGINT_RUNS = {
+    "backprop": ["method.name=backprop", "train.steps=1000"],
+    "dgl": ["method.name=dgl", "stages=2", "train.steps=500"],
+    "delayed": ["method.name=delayed", "stages=2", "runtime.lockstep=true", "train.steps=500"],
+    "ddp": ["method.name=ddp", "stages=2", "train.steps=500"],
+}
+# Which of them also lose a stage actor (SIGKILL) before the signal: the restart from the cut
+# is exact too (dgl's heads, delayed's emptied stashes, ddp's process group opened again).
+KILLED_FIRST = ("dgl", "delayed", "ddp")
 
 
-def _cli(out: Path) -> list[str]:
+def _cli(run: list[str], out: Path) -> list[str]:
+    """The command of ``run``, on the module's Ray cluster (no Ray start-up of its own)."""
+    address = ray.get_runtime_context().gcs_address
     return [
         sys.executable,
         "-m",
         "decoupled.cli",
         "train",
         str(DIGITS_CONFIG),
-        *RUN,
+        *run,
+        "checkpoint.every=100",
+        "model.boundaries=even",
         "train.progress=false",
+        f"runtime.address={address}",
         "--out",
         str(out),
     ]
 
 
+def _weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A stage's tensors by dotted name: its blocks and whatever its method keeps beside them
+    (dgl's auxiliary head), optimizer state included."""
+    out: dict[str, torch.Tensor] = {}
+    pending: list[tuple[str, Any]] = list(state.items())
+    while pending:
+        name, value = pending.pop()
+        if isinstance(value, torch.Tensor):
+            out[name] = value
+        elif isinstance(value, dict):
+            pending += [(f"{name}.{k}", v) for k, v in value.items()]
+        elif isinstance(value, list | tuple):
+            pending += [(f"{name}.{k}", v) for k, v in enumerate(value)]
+    return out
+
+
+def _stage_actor_of_this_cluster() -> int:
+    """The pid of a stage actor of the module's cluster: a ``ray::StageActor`` process that
+    descends from this one (its raylet's parent), never one of another cluster on this box."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (entry / "cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            continue
+        if not title.startswith(b"ray::StageActor"):
+            continue
+        pid = int(entry.name)
+        while pid > 1:
+            try:
+                pid = int(
+                    (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1]
+                )
+            except (OSError, IndexError, ValueError):
+                break
+            if pid == os.getpid():
+                return int(entry.name)
+    raise AssertionError("no stage actor of this test's cluster is running")
+
+
+def _restarted(out: Path) -> dict[str, Any] | None:
+    return next((r for r in _records(out) if r["event"] == "restart"), None)
+
+
 @pytest.mark.timeout(300)
-def test_sigint_then_resume_matches_an_uninterrupted_run_exactly(tmp_path: Path) -> None:
-    interrupted, whole = tmp_path / "interrupted", tmp_path / "whole"
-    process = subprocess.Popen(_cli(out=interrupted), stderr=subprocess.PIPE, text=True)
-    _wait_for_step(interrupted, 200, timeout=120)
+@pytest.mark.parametrize("method", list(SIGINT_RUNS))
+def test_sigint_then_resume_matches_an_uninterrupted_run_exactly(
+    tmp_path: Path, method: str
+) -> None:
+    run, interrupted, whole = SIGINT_RUNS[method], tmp_path / "interrupted", tmp_path / "whole"
+    steps = int(run[-1].split("=")[1])
+    process = subprocess.Popen(_cli(run, out=interrupted), stderr=subprocess.PIPE, text=True)
+    signal_at = 200
+    if method in KILLED_FIRST:
+        _wait_for_step(interrupted, 100, timeout=120)
+        deadline = time.monotonic() + 60
+        while not complete_steps(interrupted / "checkpoints"):
+            assert time.monotonic() < deadline, "no cut sealed"
+            time.sleep(0.1)
+        os.kill(_stage_actor_of_this_cluster(), signal.SIGKILL)
+        while (restart := _restarted(interrupted)) is None:
+            assert time.monotonic() < deadline + 60, "no restart after the kill"
+            time.sleep(0.1)
+        assert restart["step"] >= 100
+        signal_at = restart["step"] + 100
+        # Training again, from the cut, as far as the signal's step.
+        while not any(
+            r["event"] == "train" and r["step"] >= signal_at
+            for r in _records(interrupted)[_records(interrupted).index(restart) :]
+        ):
+            assert time.monotonic() < deadline + 120, "no training after the restart"
+            time.sleep(0.1)
+    else:
+        _wait_for_step(interrupted, signal_at, timeout=120)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert "interrupted by SIGINT" in err and "checkpoint at" in err and "Traceback" not in err
     cut = latest_cut(interrupted / "checkpoints")
-    assert cut is not None and 200 <= cut.step < STEPS
+    assert cut is not None and signal_at <= cut.step < steps
 
-    resume = [*_cli(out=interrupted)[:-2], "--resume", str(interrupted)]
+    resume = [*_cli(run, out=interrupted)[:-2], "--resume", str(interrupted)]
     resumed = subprocess.run(resume, capture_output=True, text=True, timeout=180)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     summary = json.loads((interrupted / "summary.json").read_text())
-    assert summary["steps"] == STEPS and summary["resumed_from"] == cut.step
+    assert summary["steps"] == steps and summary["resumed_from"] == cut.step
     # The reference needs no command of its own: in this process, on the module's Ray, it is
-    # the same run (same config, one actor of one thread) without a second Ray start-up.
-    run_training(digits_config(*RUN), whole)
+    # the same run (same config, same actors of one thread) without a process of its own.
+    run_training(digits_config(*run, "checkpoint.every=100"), whole)
 
     final = [latest_cut(d / "checkpoints") for d in (interrupted, whole)]
-    assert all(c is not None and c.step == STEPS for c in final)
-    a, b = (load_stage(c, 0, torch.device("cpu")) for c in final if c is not None)
-    for name, value in b["module"].items():
-        assert torch.equal(a["module"][name], value), name
+    assert all(c is not None and c.step == steps for c in final)
+    a, b = final
+    assert a is not None and b is not None and a.num_stages == b.num_stages
+    for index in range(a.num_stages):
+        mine, reference = (_weights(load_stage(c, index, torch.device("cpu"))) for c in (a, b))
+        assert mine.keys() == reference.keys()
+        for name, value in reference.items():
+            assert torch.equal(mine[name], value), (index, name)

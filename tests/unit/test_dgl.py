@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -59,3 +60,112 @@ def test_feature_maps_get_a_pooled_head(digits: Dataset) -> None:
     assert isinstance(first.head[0], nn.Conv2d)
     assert isinstance(first.head[3], nn.AdaptiveAvgPool2d)
     assert first.head(torch.zeros(2, 4, 4, 4)).shape == (2, 10)
+
+
+def _replay_trainer(digits: Dataset, replay: int) -> LocalTrainer:
+    cfg = small_config(["method.name=dgl", "stages=3", f"method.dgl.replay={replay}"])
+    return LocalTrainer(cfg, digits)
+
+
+def _state(trainer: LocalTrainer) -> list[torch.Tensor]:
+    return [
+        t
+        for stage in trainer.stages
+        for t in (*stage.module.state_dict().values(), *_head(stage).state_dict().values())
+    ]
+
+
+def _head(stage: object) -> nn.Module:
+    assert isinstance(stage, GreedyStage)
+    return stage.head if stage.head is not None else nn.Identity()
+
+
+def test_replay_trains_on_recent_inputs_while_the_producer_is_slow(digits: Dataset) -> None:
+    """Stages 1 and 2 find no new input three times after every step: each time they train
+    once more on one of their last four inputs (exactly forward's update on it), send nothing,
+    and never hold more than four; stage 0 reads the data and keeps none."""
+    trainer = _replay_trainer(digits, replay=4)
+    stages = trainer.stages
+    assert all(isinstance(s, GreedyStage) for s in stages)
+    steps, waits = 8, 3
+    for step in range(steps):
+        x, y = trainer.stream.batch(step)
+        trainer.step(step, x, y)
+        for index in (1, 2):
+            stage = stages[index]
+            assert isinstance(stage, GreedyStage)
+            # The last min(step + 1, 4) batches' labels, oldest first.
+            recent = [trainer.stream.batch(s)[1] for s in range(max(0, step - 3), step + 1)]
+            assert all(torch.equal(b[1], r) for b, r in zip(stage.buffer, recent, strict=True))
+            for _ in range(waits):
+                before = copy.deepcopy(stage)
+                assert trainer.idle(index)
+                assert len(stage.buffer) <= 4
+                # The replayed update is forward's update on one of the buffered inputs.
+                after = [
+                    p.detach() for p in (*stage.module.parameters(), *_head(stage).parameters())
+                ]
+                matches = 0
+                for bx, by in before.buffer:
+                    twin = copy.deepcopy(before)
+                    twin.forward(step, bx, by)
+                    ps = [
+                        p.detach() for p in (*twin.module.parameters(), *_head(twin).parameters())
+                    ]
+                    matches += all(torch.equal(a, b) for a, b in zip(after, ps, strict=True))
+                assert matches >= 1
+    first = stages[0]
+    assert isinstance(first, GreedyStage) and len(first.buffer) == 0
+    with pytest.raises(ValueError, match="never waits"):
+        trainer.idle(0)
+    for stage in stages[1:]:
+        assert stage.stats.replay_updates == steps * waits
+        assert stage.stats.steps == steps  # replays are not steps of new data
+        assert stage.stats.run_figures()["replay_updates"] == steps * waits
+
+
+def test_replay_zero_is_dgl_as_before_bit_for_bit(digits: Dataset) -> None:
+    """method.dgl.replay=0 (the default): an idle stage does nothing, so idle events between
+    the steps leave a run exactly as it is without them, and as the default config."""
+    with_waits, without = _replay_trainer(digits, replay=0), _replay_trainer(digits, replay=0)
+    default = LocalTrainer(small_config(["method.name=dgl", "stages=3"]), digits)
+    assert default.cfg.method.dgl.replay == 0
+    for step in range(6):
+        x, y = with_waits.stream.batch(step)
+        for trainer in (with_waits, without, default):
+            trainer.step(step, x, y)
+        assert not any(with_waits.idle(i) for i in (1, 2) for _ in range(3))
+    for other in (without, default):
+        assert all(
+            torch.equal(a, b) for a, b in zip(_state(with_waits), _state(other), strict=True)
+        )
+    for stage in with_waits.stages:
+        assert isinstance(stage, GreedyStage) and len(stage.buffer) == 0
+        assert (
+            stage.stats.replay_updates == 0 and stage.stats.run_figures()["replay_updates"] is None
+        )
+
+
+def test_the_stage_loop_replays_while_its_producer_is_slow(
+    digits: Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On threads, as on actors: stage 0 reads a slow data source; stage 1 trains on its
+    buffer meanwhile instead of waiting, and every step of new data still goes through."""
+    from tests.unit.test_runner import run_threads
+
+    batch = TrainStream.batch
+
+    def slow(self: TrainStream, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        time.sleep(0.01)
+        return batch(self, step)
+
+    monkeypatch.setattr(TrainStream, "batch", slow)
+    replay = ["method.name=dgl", "stages=2", "method.dgl.replay=8", "train.steps=40"]
+    cfg = small_config([*replay, "runtime.backend=ray"])
+    runners = run_threads(cfg, digits)
+    consumer = runners[1].stage
+    assert isinstance(consumer, GreedyStage) and len(consumer.buffer) == 8
+    figures = runners[1].final_figures()
+    assert figures["steps"] == 40
+    assert figures["replay_updates"] > 0
+    assert runners[0].final_figures()["replay_updates"] is None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import threading
+import time
 
 from ray._private.label_utils import validate_label_selector
 
@@ -46,12 +48,29 @@ def test_selectors_exclude_every_lost_node_from_every_bundle() -> None:
         assert validate_label_selector(selector) is None  # Ray's own check: no complaint
 
 
-def test_raylet_probe_sees_a_listener_and_a_closed_port() -> None:
+def test_raylet_probe_needs_an_answer_not_only_a_connection() -> None:
+    """A server that replies (as a raylet's gRPC server does) answers; a listener that never
+    reads, as a stopped process behind the kernel's accept queue, does not; a closed port is
+    refused."""
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
         port = listener.getsockname()[1]
-        assert raylet_reachable("127.0.0.1", port)
+
+        def answer() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(64)
+                connection.sendall(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+
+        server = threading.Thread(target=answer)
+        server.start()
+        assert raylet_reachable("127.0.0.1", port, timeout_s=5)
+        server.join(timeout=5)
+        # Nobody accepts any more: the kernel still completes the connection, silence follows.
+        start = time.monotonic()
+        assert not raylet_reachable("127.0.0.1", port, timeout_s=0.3)
+        assert time.monotonic() - start < 2
     assert not raylet_reachable("127.0.0.1", port)  # closed now: refused at once
 
 
