@@ -83,6 +83,7 @@ def gpt_config(corpus: Path, overrides: Sequence[str] = ()) -> Config:
         "train.progress=false",
         "runtime.backend=local",
         "model.boundaries=even",
+        "runtime.gpus_per_stage=0",  # on the host also where there is a GPU, as the CPU actors
     ]
     return parse_config({}, [*base, *overrides])
 

@@ -83,7 +83,7 @@ KILLS = {
 def _reference_accuracy(method: str, digits: Dataset) -> float:
     """The same run undisturbed, in-process."""
     if method not in _undisturbed:
-        cfg = digits_config(*KILLS[method], "runtime.backend=local")
+        cfg = digits_config(*KILLS[method], "runtime.backend=local", "runtime.gpus_per_stage=0")
         _undisturbed[method] = LocalTrainer(cfg, digits).run()["test_accuracy"]
     return _undisturbed[method]
 
