@@ -144,11 +144,11 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
 # in-process reference must cut the model where the command does.
 SIGINT_RUNS = {
     "backprop": ["method.name=backprop", "train.steps=1000"],
-    # dgl never waits for a gradient: on a quiet machine it runs hundreds of steps between two
-    # of the controller's polls (0.5 s), so the signal lands well after the step it was sent at.
+    # On a quiet machine these run hundreds of steps between two of the controller's polls
+    # (0.5 s), so the signal lands well after the step it was sent at: room to spare.
     "dgl": ["method.name=dgl", "stages=2", "train.steps=3000"],
-    "delayed": ["method.name=delayed", "stages=2", "runtime.lockstep=true", "train.steps=500"],
-    "ddp": ["method.name=ddp", "stages=2", "train.steps=500"],
+    "delayed": ["method.name=delayed", "stages=2", "runtime.lockstep=true", "train.steps=2000"],
+    "ddp": ["method.name=ddp", "stages=2", "train.steps=3000"],
 }
 # Which of them also lose a stage actor (SIGKILL) before the signal: the restart from the cut
 # is exact too (dgl's heads, delayed's emptied stashes, ddp's process group opened again).
