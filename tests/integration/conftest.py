@@ -14,12 +14,12 @@ from tests.integration.cluster import LocalCluster, local_cluster
 
 
 @contextlib.contextmanager
-def logical_cluster(num_gpus: int = 0) -> Iterator[None]:
-    """A fresh local Ray with 4 logical CPUs and ``num_gpus`` logical GPUs (no CUDA needed);
-    address="local": always a new cluster, never one another process left registered."""
+def logical_cluster(num_gpus: int = 0, num_cpus: int = 4) -> Iterator[None]:
+    """A fresh local Ray with ``num_cpus`` logical CPUs and ``num_gpus`` logical GPUs (no CUDA
+    needed); address="local": always a new cluster, never one another process left registered."""
     ray.init(
         address="local",
-        num_cpus=4,
+        num_cpus=num_cpus,
         num_gpus=num_gpus,
         include_dashboard=False,
         object_store_memory=150 * 2**20,

@@ -4,15 +4,14 @@ does not wait for a slowed fast actor when decoupled, and does when lockstep."""
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import ray
 
 import decoupled
+from tests.integration.conftest import logical_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -22,18 +21,8 @@ STEPS, PAUSE = 30, 0.05
 @pytest.fixture(scope="module")
 def small_cluster() -> Iterator[None]:
     """Two logical CPUs: one actor each."""
-    ray.init(
-        address="local",
-        num_cpus=2,
-        num_gpus=0,
-        include_dashboard=False,
-        object_store_memory=150 * 2**20,
-        logging_level=logging.WARNING,
-    )
-    try:
+    with logical_cluster(num_cpus=2):
         yield
-    finally:
-        ray.shutdown()
 
 
 def _run(out: Path, method: str) -> dict[str, Any]:

@@ -143,7 +143,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
 # where its late gradients, and so its weights, do not depend on timing. An even split: the
 # in-process reference must cut the model where the command does.
 SIGINT_RUNS = {
-    "backprop": ["method.name=backprop", "train.steps=1000"],
+    "backprop": ["method.name=backprop", "train.steps=3000"],
     # On a quiet machine these run hundreds of steps between two of the controller's polls
     # (0.5 s), so the signal lands well after the step it was sent at: room to spare.
     "dgl": ["method.name=dgl", "stages=2", "train.steps=3000"],
