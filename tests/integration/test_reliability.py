@@ -23,6 +23,7 @@ from decoupled.local import LocalTrainer
 from decoupled.ray_runtime.controller import RayJob
 from decoupled.stage import NonFiniteError
 from tests.conftest import DIGITS_CONFIG, digits_config
+from tests.integration import paced_data
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_cluster")]
 
@@ -138,21 +139,34 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     assert all(torch.isfinite(t).all() for t in state["module"].values() if t.is_floating_point())
 
 
-# Each method's run, with enough steps after the signal for the cut it asks for to land before
-# the end. The methods that landed later run on two stages (ddp: replicas); delayed in lockstep,
-# where its late gradients, and so its weights, do not depend on timing. An even split: the
-# in-process reference must cut the model where the command does.
+# Each method's run. The methods that landed later run on two stages (ddp: replicas); delayed in
+# lockstep, where its late gradients, and so its weights, do not depend on timing. An even split:
+# the in-process reference must cut the model where the command does. The interrupted run reads
+# its data slowly (tests/integration/paced_data.py) until the signal has been handled, so the cut
+# it asks for lands well before the end on a machine of any speed; the resumed run and the
+# reference read the same batches at full speed.
 SIGINT_RUNS = {
-    "backprop": ["method.name=backprop", "train.steps=3000"],
-    # On a quiet machine these run hundreds of steps between two of the controller's polls
-    # (0.5 s), so the signal lands well after the step it was sent at: room to spare.
-    "dgl": ["method.name=dgl", "stages=2", "train.steps=3000"],
-    "delayed": ["method.name=delayed", "stages=2", "runtime.lockstep=true", "train.steps=2000"],
-    "ddp": ["method.name=ddp", "stages=2", "train.steps=3000"],
+    "backprop": ["method.name=backprop"],
+    "dgl": ["method.name=dgl", "stages=2"],
+    "delayed": ["method.name=delayed", "stages=2", "runtime.lockstep=true"],
+    "ddp": ["method.name=ddp", "stages=2"],
 }
+SIGINT_STEPS = 500
+CUT_EVERY = 50
 # Which of them also lose a stage actor (SIGKILL) before the signal: the restart from the cut
 # is exact too (dgl's heads, delayed's emptied stashes, ddp's process group opened again).
 KILLED_FIRST = ("dgl", "delayed", "ddp")
+
+
+def _paced(run: list[str], root: Path) -> list[str]:
+    """``run`` on the digits of paced_data.py, paced while ``root/paced`` exists."""
+    return [
+        *run,
+        "data.name=tests.integration.paced_data:digits",
+        f"data.root={root}",
+        f"train.steps={SIGINT_STEPS}",
+        f"checkpoint.every={CUT_EVERY}",
+    ]
 
 
 def _cli(run: list[str], out: Path) -> list[str]:
@@ -165,7 +179,6 @@ def _cli(run: list[str], out: Path) -> list[str]:
         "train",
         str(DIGITS_CONFIG),
         *run,
-        "checkpoint.every=100",
         "model.boundaries=even",
         "train.progress=false",
         f"runtime.address={address}",
@@ -224,12 +237,15 @@ def _restarted(out: Path) -> dict[str, Any] | None:
 def test_sigint_then_resume_matches_an_uninterrupted_run_exactly(
     tmp_path: Path, method: str
 ) -> None:
-    run, interrupted, whole = SIGINT_RUNS[method], tmp_path / "interrupted", tmp_path / "whole"
-    steps = int(run[-1].split("=")[1])
+    interrupted, whole, steps = tmp_path / "interrupted", tmp_path / "whole", SIGINT_STEPS
+    run = _paced(SIGINT_RUNS[method], root=tmp_path)
+    pace = tmp_path / paced_data.MARKER
+    pace.touch()
+    t0 = time.monotonic()
     process = subprocess.Popen(_cli(run, out=interrupted), stderr=subprocess.PIPE, text=True)
-    signal_at = 200
+    signal_at = 2 * CUT_EVERY
     if method in KILLED_FIRST:
-        _wait_for_step(interrupted, 100, timeout=120)
+        _wait_for_step(interrupted, CUT_EVERY, timeout=120)
         deadline = time.monotonic() + 60
         while not complete_steps(interrupted / "checkpoints"):
             assert time.monotonic() < deadline, "no cut sealed"
@@ -238,8 +254,8 @@ def test_sigint_then_resume_matches_an_uninterrupted_run_exactly(
         while (restart := _restarted(interrupted)) is None:
             assert time.monotonic() < deadline + 60, "no restart after the kill"
             time.sleep(0.1)
-        assert restart["step"] >= 100
-        signal_at = restart["step"] + 100
+        assert restart["step"] >= CUT_EVERY
+        signal_at = restart["step"] + CUT_EVERY
         # Training again, from the cut, as far as the signal's step.
         while not any(
             r["event"] == "train" and r["step"] >= signal_at
@@ -249,8 +265,11 @@ def test_sigint_then_resume_matches_an_uninterrupted_run_exactly(
             time.sleep(0.1)
     else:
         _wait_for_step(interrupted, signal_at, timeout=120)
+    print("signal", time.monotonic() - t0, _step(interrupted), flush=True)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
+    pace.unlink()
+    print("interrupted", time.monotonic() - t0, flush=True)
     assert process.returncode == 130, err
     assert "interrupted by SIGINT" in err and "checkpoint at" in err and "Traceback" not in err
     cut = latest_cut(interrupted / "checkpoints")
@@ -263,7 +282,9 @@ def test_sigint_then_resume_matches_an_uninterrupted_run_exactly(
     assert summary["steps"] == steps and summary["resumed_from"] == cut.step
     # The reference needs no command of its own: in this process, on the module's Ray, it is
     # the same run (same config, same actors of one thread) without a process of its own.
-    run_training(digits_config(*run, "checkpoint.every=100"), whole)
+    print("resumed", time.monotonic() - t0, flush=True)
+    run_training(digits_config(*run), whole)
+    print("reference", time.monotonic() - t0, flush=True)
 
     final = [latest_cut(d / "checkpoints") for d in (interrupted, whole)]
     assert all(c is not None and c.step == steps for c in final)

@@ -19,7 +19,15 @@ import decoupled
 from decoupled.cli import main
 from decoupled.config import ConfigError, DataConfig, parse_config
 from decoupled.data import TrainStream, dataset_info, load_data, load_dataset
-from decoupled.loader import ArrayFiles, LoaderStream, MapData, loader_eval_batches
+from decoupled.loader import (
+    ArrayFiles,
+    LoaderStream,
+    MapData,
+    _Seeded,
+    _StepBatches,
+    loader_eval_batches,
+    mix,
+)
 from tests.conftest import DIGITS_CONFIG
 
 
@@ -85,10 +93,29 @@ def test_workers_give_the_batches_of_the_stages_own_process() -> None:
 
 def test_reading_leaves_the_processs_random_state_alone() -> None:
     torch.manual_seed(0)
-    expected = torch.rand(3)
+    random.seed(0)
+    np.random.seed(0)
+    expected = torch.rand(3), random.random(), np.random.rand()
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    LoaderStream(Jittered(40), 8, seed=1, workers=0).batch(0)
+    assert (torch.rand(3), random.random(), np.random.rand())[1:] == expected[1:]
     torch.manual_seed(0)
     LoaderStream(Jittered(40), 8, seed=1, workers=0).batch(0)
-    assert torch.equal(torch.rand(3), expected)
+    assert torch.equal(torch.rand(3), expected[0])
+
+
+def test_each_item_of_a_batch_is_read_under_its_own_seed() -> None:
+    """A batch is fetched at once (RNG states saved once), yet sample j of step t is what
+    reading it alone under its (seed, step, j) key gives: no item's noise depends on another."""
+    ds, step = Jittered(40), 3
+    x, y = LoaderStream(ds, 8, seed=2, workers=0).batch(step)
+    keys = next(iter(_StepBatches(40, 8, seed=2, start=step)))
+    assert [seed for _, seed in keys] == [mix(2, step, j) for j in range(8)]
+    for j, key in enumerate(keys):
+        alone_x, alone_y = _Seeded(ds)[key]
+        assert torch.equal(alone_x, x[j]) and alone_y == int(y[j])
 
 
 def test_a_tensor_dataset_reads_as_the_tensor_stream(digits: Any) -> None:
