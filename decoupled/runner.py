@@ -341,11 +341,16 @@ class StageRunner:
             x, y = self.stream.batch(self.step)
             return ForwardMessage(self.step, Kind.TRAIN, x, y)
         assert self.forward_in is not None
-        self._sample_depth()
+        # The depth a message is taken at: a look that finds nothing (a replaying stage looks
+        # between its replay updates) is not a sample, or the figure would read low.
+        depth = self.forward_in.depth()
         start = time.perf_counter()
         message = self.forward_in.recv(timeout=timeout)
         self.figures.input_wait_s += time.perf_counter() - start
         assert message is None or isinstance(message, ForwardMessage)
+        if message is not None:
+            self.figures.depth_sum += depth
+            self.figures.depth_samples += 1
         return message
 
     def _send_forward(self, message: ForwardMessage) -> None:
@@ -422,11 +427,6 @@ class StageRunner:
         if self.num_test_samples > 0 and tally.samples >= self.num_test_samples:
             self.figures.evals.append(tally.result())
             self._eval = None
-
-    def _sample_depth(self) -> None:
-        if self.forward_in is not None:
-            self.figures.depth_sum += self.forward_in.depth()
-            self.figures.depth_samples += 1
 
     # -- figures -----------------------------------------------------------------------------
     def poll(self) -> StagePoll:

@@ -169,3 +169,6 @@ def test_the_stage_loop_replays_while_its_producer_is_slow(
     assert figures["steps"] == 40
     assert figures["replay_updates"] > 0
     assert runners[0].final_figures()["replay_updates"] is None
+    # channel_depth samples the channel once per message taken (40 steps, a few evaluation
+    # batches and the STOP), not at the hundreds of empty looks between replay updates.
+    assert 40 <= runners[1].figures.depth_samples <= 50 < figures["replay_updates"]
