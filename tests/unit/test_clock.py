@@ -16,7 +16,14 @@ import pytest
 import torch
 
 import decoupled
-from decoupled.checkpoint import CheckpointError, latest_cut, load_stage
+from decoupled.checkpoint import (
+    CheckpointError,
+    complete_steps,
+    cut_dir,
+    latest_cut,
+    load_stage,
+    read_cut,
+)
 from decoupled.cli import main
 from decoupled.config import Config, ConfigError, config_to_dict, parse_config
 from decoupled.interrupt import Interrupted, StopRequest
@@ -290,9 +297,9 @@ def test_the_threaded_loops_cut_at_the_agreed_ticks_and_resume_lockstep_exactly(
     root = tmp_path / "threads" / "checkpoints"
     slow, fast = run_on_threads(parse_config(config_to_dict(cfg), ["train.steps=5"]), 60.0, root)
     assert slow["saved"] == fast["saved"] == [3, 5]
-    cut = latest_cut(root)
-    assert cut is not None and cut.step == 5
-    slow, fast = run_on_threads(cfg, 60.0, root, resume=cut)
+    assert complete_steps(root) == [3, 5]
+    # From the cut in the middle, the one the fast core wrote on taking o_3, not at its end.
+    slow, fast = run_on_threads(cfg, 60.0, root, resume=read_cut(cut_dir(root, 3)))
     assert slow["chunks"] == fast["chunks"] == 8 and slow["saved"] == fast["saved"] == [6, 8]
     (end, a), (_, b) = _final_cut(tmp_path / "threads"), _final_cut(tmp_path / "whole")
     assert end == 8 and _equal(a[0]["core"], b[0]["core"]) and _equal(a[0]["state"], b[0]["state"])
