@@ -329,11 +329,8 @@ class Figures:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.chunks, self.sg_loss, self.sg_cosine = (
-            state["chunks"],
-            state["sg_loss"],
-            state["sg_cosine"],
-        )
+        self.chunks = state["chunks"]
+        self.sg_loss, self.sg_cosine = state["sg_loss"], state["sg_cosine"]
         self.recent = deque(tuple(r) for r in state["recent"])
 
     def report(self, wall_s: float) -> dict[str, Any]:
