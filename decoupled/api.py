@@ -99,7 +99,9 @@ def resume_point(cfg: Config, run_dir: Path) -> Cut:
         # "auto" keeps the cut's split, "even" is checked against it once the data's shape is
         # known (balance.balanced): the cut records the split it resolved to, never the word.
         config["model"]["boundaries"] = cut.config["model"]["boundaries"]
-    check_compatible(cut, config, num_stages(cfg))
+    # The two cores are two stages of the cut whatever the method (recurrent/clock_trainer.py).
+    stages = 2 if cfg.model.name == "lstm" and cfg.stages == 2 else num_stages(cfg)
+    check_compatible(cut, config, stages)
     return cut
 
 
@@ -113,11 +115,11 @@ def run_training(
         if cfg.runtime.backend == "local":
             from decoupled.recurrent.clock_trainer import run_clock_local
 
-            summary = run_clock_local(cfg, out_dir)
+            summary = run_clock_local(cfg, out_dir, resume, stop)
         else:
             from decoupled.ray_runtime.clock import train_clock_on_ray
 
-            summary = train_clock_on_ray(cfg, out_dir)
+            summary = train_clock_on_ray(cfg, out_dir, resume, stop)
     elif cfg.model.name == "lstm":  # recurrent DNI: its own in-process trainer, for now
         from decoupled.recurrent.trainer import run_recurrent
 

@@ -35,6 +35,10 @@ class ActivationHistory:
         """The entry for ``seq``, removed; None when it was evicted or never stored."""
         return self._entries.pop(seq, None)
 
+    def items(self) -> list[tuple[int, Entry]]:
+        """Every (seq, entry), oldest first (what a checkpoint keeps)."""
+        return list(self._entries.items())
+
     def clear(self) -> None:
         self._entries.clear()
 

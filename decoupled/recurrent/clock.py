@@ -186,6 +186,36 @@ class SlowLearner:
         cosine = F.cosine_similarity(prediction.detach().flatten(), per_sample.flatten(), dim=0)
         return float(loss.detach()), float(cosine)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the slow core carries from one tick to the next, between ticks: weights,
+        optimizers, the recurrent state and the outputs still waiting for their target."""
+        if self._out is not None:
+            raise RuntimeError("a tick without its update cannot be saved")
+        sg, sg_opt = self.synthesizer, self.sg_optimizer
+        return {
+            "core": self.core.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "synthesizer": sg.state_dict() if sg is not None else None,
+            "sg_optimizer": sg_opt.state_dict() if sg_opt is not None else None,
+            "state": self.state,
+            "history": self.history.items(),
+            "expired": self.expired,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.core.load_state_dict(state["core"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if (state["synthesizer"] is None) != (self.synthesizer is None):
+            raise ValueError("the saved slow core and this one differ in having a synthesizer")
+        if self.synthesizer is not None and self.sg_optimizer is not None:
+            self.synthesizer.load_state_dict(state["synthesizer"])
+            self.sg_optimizer.load_state_dict(state["sg_optimizer"])
+        self.state = _state_tuple(state["state"])
+        self.history.clear()
+        for j, entry in state["history"]:
+            self.history.put(j, *entry)
+        self.expired = state["expired"]
+
 
 @dataclass
 class ChunkResult:
@@ -235,6 +265,27 @@ class FastLearner:
         assert o_leaf.grad is not None
         return ChunkResult(o_leaf.grad, loss_nats, correct, k * batch)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Weights, optimizer and the state carried into the next chunk."""
+        return {
+            "core": self.core.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "state": self.state,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.core.load_state_dict(state["core"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.state = _state_tuple(state["state"])
+
+
+def _state_tuple(state: Any) -> State | None:
+    """An LSTM state as saved (a tuple, or a list after a round trip), or None."""
+    if state is None:
+        return None
+    h, c = state
+    return (h, c)
+
 
 @dataclass
 class Figures:
@@ -266,6 +317,21 @@ class Figures:
     def accuracy(self) -> float | None:
         counted = sum(r[2] for r in self.recent)
         return sum(r[1] for r in self.recent) / counted if counted else None
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run continues from: the chunk count, the SG figures and the window
+        the accuracy is taken over. Samples and times are this process's own (rates)."""
+        return {
+            "chunks": self.chunks,
+            "sg_loss": self.sg_loss,
+            "sg_cosine": self.sg_cosine,
+            "recent": list(self.recent),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.chunks = state["chunks"]
+        self.sg_loss, self.sg_cosine = state["sg_loss"], state["sg_cosine"]
+        self.recent = deque(tuple(r) for r in state["recent"])
 
     def report(self, wall_s: float) -> dict[str, Any]:
         """What a poll or the summary shows (JSON-ready)."""
@@ -364,6 +430,27 @@ class ClockSystem:
             fig.samples += samples
         self.fast_figures.add_chunk(result)
         return result
+
+    def state_dict(self, index: int) -> dict[str, Any]:
+        """Core ``index``'s part of a cut between two steps (0: the slow core, with the targets
+        still on their way to it; 1: the fast core)."""
+        if index == 0:
+            late = [(j, g) for j, g in self._late]
+            return {
+                **self.slow.state_dict(),
+                "late": late,
+                "figures": self.slow_figures.state_dict(),
+            }
+        return {**self.fast.state_dict(), "figures": self.fast_figures.state_dict()}
+
+    def load_state_dict(self, index: int, state: dict[str, Any]) -> None:
+        if index == 0:
+            self.slow.load_state_dict(state)
+            self._late = deque((j, g) for j, g in state["late"])
+            self.slow_figures.load_state_dict(state["figures"])
+        else:
+            self.fast.load_state_dict(state)
+            self.fast_figures.load_state_dict(state["figures"])
 
     def _learn(self, j: int, grad: torch.Tensor) -> None:
         if self.slow.synthesizer is None:

@@ -1,16 +1,23 @@
 """Two cores at two clock rates on two Ray actors (decoupled/ray_runtime/clock.py): the slow actor
-does not wait for a slowed fast actor when decoupled, and does when lockstep."""
+does not wait for a slowed fast actor when decoupled, and does when lockstep; a lockstep run
+interrupted and resumed on the actors ends as an uninterrupted one."""
 
 from __future__ import annotations
 
 import json
+import signal
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 import decoupled
+from decoupled.checkpoint import latest_cut, load_stage
+from decoupled.interrupt import Interrupted, StopRequest
 from tests.integration.conftest import logical_cluster
 
 pytestmark = pytest.mark.integration
@@ -56,3 +63,72 @@ def test_slow_actor_never_waits_for_a_slowed_fast_actor(tmp_path: Path) -> None:
     assert lock["mode"] == "lockstep" and lock["fast_chunks"] == STEPS
     assert lock["skipped_chunks"] == 0
     assert lock["slow_wait_s"] > 0.8 * STEPS * PAUSE  # it waited for every true gradient
+
+
+def _stop_once_logged(metrics: Path, stop: StopRequest) -> threading.Thread:
+    """Ctrl-C, as the handler records it, once the run has logged its first record."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if metrics.is_file() and metrics.read_text().strip():
+                stop.signum = signal.SIGINT
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.usefixtures("small_cluster")
+def test_lockstep_actors_interrupted_and_resumed_end_as_an_uninterrupted_run(
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C: the slow actor cuts at its next tick, the fast one before reading that tick's
+    output; the resumed actors end bit for bit where one uninterrupted run (in-process) does."""
+    total = 100
+    config: dict[str, Any] = {
+        "seed": 1,
+        "stages": 2,
+        "data": {"name": "lag_copy", "batch_size": 8},
+        "model": {"name": "lstm", "layers": 1, "hidden": 16, "bptt": 2},
+        "method": {"name": "backprop"},
+        "recurrent": {"alphabet": 4},
+        # Paced, so that the signal lands well before the end.
+        "clock": {"every": 4, "slow_hidden": 16, "interface": 8, "slow_delay_s": 0.05},
+        "train": {"steps": total, "log_every": 5, "progress": False},
+        "checkpoint": {"every": 1000},  # only the interrupt's cut and the final one
+        "runtime": {"backend": "ray", "timeout_s": 120, "stall_timeout_s": 60},
+    }
+    quick = ["clock.slow_delay_s=0"]
+    reference = tmp_path / "reference"
+    decoupled.train(config, [*quick, "runtime.backend=local"], out=reference)
+    run, stop = tmp_path / "run", StopRequest()
+    watcher = _stop_once_logged(run / "metrics.jsonl", stop)
+    with pytest.raises(Interrupted) as info:
+        decoupled.train(config, out=run, stop=stop)
+    watcher.join(1)
+    cut = latest_cut(run / "checkpoints")
+    assert cut is not None and 0 < cut.step < total, cut
+    assert info.value.checkpoint == str(cut.path) and info.value.step == cut.step
+    summary = decoupled.train(config, quick, out=run, resume=True)
+    assert summary["resumed_from"] == cut.step
+    assert summary["steps"] == summary["slow_chunks"] == summary["fast_chunks"] == total
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved["resumed_from"] == cut.step and saved["steps"] == total
+    ends = [latest_cut(r / "checkpoints") for r in (run, reference)]
+    for index in (0, 1):
+        a, b = (load_stage(end, index, torch.device("cpu")) for end in ends if end is not None)
+        for key in ("core", "optimizer", "state"):
+            assert _equal(a[key], b[key]), (index, key)
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)

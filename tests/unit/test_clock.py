@@ -1,20 +1,32 @@
 """Two cores at two clock rates (decoupled/recurrent/clock.py, clock_trainer.py): the decoupled
 update against lockstep, the zero synthesizer, the mailboxes, the waiting of the two loops on
-threads, the configuration and the CLI."""
+threads, the configuration and the CLI; checkpoints and resume."""
 
 from __future__ import annotations
 
 import copy
 import json
+import signal
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+import decoupled
+from decoupled.checkpoint import (
+    CheckpointError,
+    complete_steps,
+    cut_dir,
+    latest_cut,
+    load_stage,
+    read_cut,
+)
 from decoupled.cli import main
-from decoupled.config import Config, ConfigError, parse_config
+from decoupled.config import Config, ConfigError, config_to_dict, parse_config
+from decoupled.interrupt import Interrupted, StopRequest
 from decoupled.recurrent.clock import ClockSystem, TickMailbox, build_clock
 from decoupled.recurrent.clock_trainer import run_on_threads
 
@@ -191,3 +203,136 @@ def test_cli_runs_the_two_cores_in_process(tmp_path: Path, method: str) -> None:
     assert summary["slow_samples_per_s"] > 0 and summary["skipped_chunks"] == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r.get("event") == "train"] == [10, 20, 30]
+
+
+# -- checkpoints: cuts of both cores, resume, Ctrl-C ------------------------------------------
+
+
+def _final_cut(run: Path) -> tuple[int, list[dict[str, Any]]]:
+    cut = latest_cut(run / "checkpoints")
+    assert cut is not None
+    return cut.step, [load_stage(cut, index, torch.device("cpu")) for index in (0, 1)]
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """Nested states hold the same tensors, bit for bit, and the same everything else."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+def _train(out: Path, method: str, steps: int, *more: str, resume: bool = False) -> dict[str, Any]:
+    overrides = [f"train.steps={steps}", "checkpoint.every=3", "train.log_every=1", *more]
+    summary: dict[str, Any] = decoupled.train(_cfg(method), overrides, out=out, resume=resume)
+    return summary
+
+
+@pytest.mark.parametrize(
+    ("method", "delay"), [("backprop", 0), ("dni", 0), ("dni", 2)], ids=["lockstep", "dni", "late"]
+)
+def test_a_resumed_in_process_run_ends_as_an_uninterrupted_one(
+    tmp_path: Path, method: str, delay: int
+) -> None:
+    whole = _train(tmp_path / "whole", method, 10, f"method.delay={delay}")
+    assert whole["steps"] == 10 and whole["resumed_from"] is None
+    _train(tmp_path / "part", method, 7, f"method.delay={delay}")  # cuts at 3, 6, 7
+    assert sorted(p.name for p in (tmp_path / "part" / "checkpoints").iterdir()) == [
+        "step-00000006",
+        "step-00000007",
+    ]
+    assert _final_cut(tmp_path / "part")[0] == 7
+    cut = _final_cut(tmp_path / "part")[1]
+    if delay:  # targets on their way to the slow core, and the outputs they will train on
+        assert len(cut[0]["late"]) == delay and len(cut[0]["history"]) == delay
+    resumed = _train(tmp_path / "part", method, 10, f"method.delay={delay}", resume=True)
+    assert resumed["resumed_from"] == 7 and resumed["steps"] == resumed["slow_chunks"] == 10
+    assert resumed["fast_chunks"] == 10 and resumed["samples"] == 3 * 3 * BATCH
+    assert resumed["accuracy"] == whole["accuracy"]  # the window continued too
+    end, a = _final_cut(tmp_path / "part")
+    _, b = _final_cut(tmp_path / "whole")
+    assert end == 10 and _equal(a, b)
+    # Bit for bit, and the check can fail: the cut three ticks earlier differs.
+    assert not _equal(cut[0]["core"], b[0]["core"]) and not _equal(cut[1]["core"], b[1]["core"])
+    steps = [
+        json.loads(line)["step"]
+        for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == list(range(1, 11))  # log_every 1: the resumed run appends 8, 9, 10
+
+
+def test_ctrl_c_leaves_a_cut_the_run_continues_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    whole = tmp_path / "whole"
+    decoupled.train(_cfg("backprop", steps=9), out=whole)
+    stop, original = StopRequest(), ClockSystem.step
+
+    def step_then_signal(system: ClockSystem, j: int) -> Any:
+        result = original(system, j)
+        if j == 4:
+            stop.signum = signal.SIGINT  # what the handler does on Ctrl-C
+        return result
+
+    monkeypatch.setattr(ClockSystem, "step", step_then_signal)
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted, match="SIGINT at step 5") as info:
+        decoupled.train(_cfg("backprop", steps=9), out=run, stop=stop)
+    assert info.value.checkpoint == str(run / "checkpoints" / "step-00000005")
+    monkeypatch.undo()
+    assert decoupled.train(_cfg("backprop", steps=9), out=run, resume=True)["resumed_from"] == 5
+    assert _equal(_final_cut(run), _final_cut(whole))
+
+
+def test_the_threaded_loops_cut_at_the_agreed_ticks_and_resume_lockstep_exactly(
+    tmp_path: Path,
+) -> None:
+    """The actors' protocol without Ray: the slow loop saves at the tick boundary and announces
+    the cut; the fast one saves before reading o_N, or once its input has ended."""
+    cfg = parse_config(config_to_dict(_cfg("backprop", steps=8)), ["checkpoint.every=3"])
+    decoupled.train(cfg, out=tmp_path / "whole")
+    root = tmp_path / "threads" / "checkpoints"
+    slow, fast = run_on_threads(parse_config(config_to_dict(cfg), ["train.steps=5"]), 60.0, root)
+    assert slow["saved"] == fast["saved"] == [3, 5]
+    assert complete_steps(root) == [3, 5]
+    # From the cut in the middle, the one the fast core wrote on taking o_3, not at its end.
+    slow, fast = run_on_threads(cfg, 60.0, root, resume=read_cut(cut_dir(root, 3)))
+    assert slow["chunks"] == fast["chunks"] == 8 and slow["saved"] == fast["saved"] == [6, 8]
+    (end, a), (_, b) = _final_cut(tmp_path / "threads"), _final_cut(tmp_path / "whole")
+    assert end == 8 and _equal(a[0]["core"], b[0]["core"]) and _equal(a[0]["state"], b[0]["state"])
+    assert _equal(a[1]["core"], b[1]["core"]) and _equal(a[1]["state"], b[1]["state"])
+    assert _equal(a[1]["optimizer"], b[1]["optimizer"])
+
+
+def test_a_cut_of_other_cores_is_refused(tmp_path: Path) -> None:
+    _train(tmp_path, "dni", 3)
+    with pytest.raises(CheckpointError, match=r"clock\.every: checkpoint has 3, this run 4"):
+        _train(tmp_path, "dni", 6, "clock.every=4", resume=True)
+
+
+def test_cli_resume_continues_the_two_cores(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    args = [
+        "train",
+        str(ROOT / "configs" / "copy_twotimescale.yaml"),
+        "runtime.backend=local",
+        "train.log_every=5",
+        "train.progress=false",
+        "checkpoint.every=5",
+    ]
+    assert main([*args, "train.steps=10", "--out", str(out)]) == 0
+    assert main([*args, "train.steps=15", "--resume", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == summary["slow_chunks"] == 15 and summary["resumed_from"] == 10
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("event") == "train"] == [5, 10, 15]
+    assert latest_cut(out / "checkpoints") is not None
+    capsys.readouterr()
+    assert main([*args, "train.steps=20", "clock.interface=8", "--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint:" in err and "clock.interface" in err and "Traceback" not in err
