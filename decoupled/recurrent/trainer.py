@@ -32,6 +32,9 @@ from decoupled.schedule import Schedule
 from decoupled.stage import NonFiniteError, check_finite
 from decoupled.synthesizer import MLPSynthesizer
 
+# Where the one-core recurrent runs train: they never move to a GPU.
+_HOST = torch.device("cpu")
+
 
 def build_learner(cfg: Config, inputs: int, outputs: int) -> TBPTTLearner:
     """The core, and for dni its synthesizer (and auxiliary head), seeded by ``cfg.seed``."""
@@ -112,6 +115,7 @@ def build_run(
     resume: Cut | None = None,
     stop: StopRequest | None = None,
 ) -> RecurrentRun:
+    """The run of ``cfg``'s task, at the step of ``resume`` when given, stopped by ``stop``."""
     # As a stage actor does: small recurrent steps lose time to extra threads on shared cores.
     torch.set_num_threads(max(1, int(cfg.runtime.cpus_per_stage)))
     run: RecurrentRun = (
@@ -126,9 +130,6 @@ def build_run(
 
 def _segments(length: int, bptt: int) -> list[slice]:
     return [slice(start, min(start + bptt, length)) for start in range(0, length, bptt)]
-
-
-_HOST = torch.device("cpu")
 
 
 class RecurrentRun:
