@@ -123,7 +123,7 @@ def run_training(
     elif cfg.model.name == "lstm":  # recurrent DNI: its own in-process trainer, for now
         from decoupled.recurrent.trainer import run_recurrent
 
-        summary = run_recurrent(cfg, out_dir)
+        summary = run_recurrent(cfg, out_dir, resume=resume, stop=stop)
     elif cfg.runtime.backend == "local":
         from decoupled.local import LocalTrainer
 

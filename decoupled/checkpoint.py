@@ -39,6 +39,10 @@ IDENTITY_KEYS = (
     "method.sg",
     "method.micro_batches",
     "optim",
+    # The recurrent model's inputs, outputs and parameters (decoupled/recurrent/).
+    "recurrent.alphabet",
+    "recurrent.repeats",
+    "recurrent.aux_weight",
 )
 
 

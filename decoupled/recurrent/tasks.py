@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +85,13 @@ class Curriculum:
         self.length += 1
         self._recent.clear()
         return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"length": self.length, "solved": self.solved, "recent": list(self._recent)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.length, self.solved = int(state["length"]), int(state["solved"])
+        self._recent = deque(state["recent"], maxlen=self._recent.maxlen)
 
     @property
     def error(self) -> float:

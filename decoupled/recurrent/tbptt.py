@@ -31,6 +31,7 @@ update, never the synthesizer's target.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +98,41 @@ class TBPTTLearner:
         first step depends on it)."""
         self.state = self.core.initial_state(batch)
         self._pending = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next segments depend on: the weights, both optimizers, and the state
+        carried across the boundary with its pending synthesizer input (text streams run on)."""
+
+        def of(part: nn.Module | torch.optim.Optimizer | None) -> dict[str, Any] | None:
+            return part.state_dict() if part is not None else None
+
+        return {
+            "core": self.core.state_dict(),
+            "optimizer": of(self.optimizer),
+            "synthesizer": of(self.synthesizer),
+            "sg_optimizer": of(self.sg_optimizer),
+            "aux_head": of(self.aux_head),
+            "state": self.state,
+            "pending": self._pending,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of ``state_dict``, into a learner built from the same configuration."""
+        parts: list[tuple[str, nn.Module | torch.optim.Optimizer | None]] = [
+            ("core", self.core),
+            ("optimizer", self.optimizer),
+            ("synthesizer", self.synthesizer),
+            ("sg_optimizer", self.sg_optimizer),
+            ("aux_head", self.aux_head),
+        ]
+        for key, part in parts:
+            if (part is None) != (state[key] is None):
+                raise ValueError(f"the saved learner {'lacks' if part else 'has'} a {key}")
+            if part is not None:
+                part.load_state_dict(state[key])
+        saved = state["state"]
+        self.state = None if saved is None else (saved[0], saved[1])
+        self._pending = state["pending"]
 
     def synthetic_gradient(self, flat_state: torch.Tensor) -> torch.Tensor:
         """δ̂ = scale · M(s) / B: the estimated gradient of the batch-mean future loss w.r.t. s."""

@@ -6,7 +6,8 @@ A step is one batch of episodes (copy, repeat_copy: the core starts each from a 
 segment of T characters on every text stream (charlm: the state runs on across steps). The core is
 updated after every segment in both. metrics.jsonl and summary.json follow the feed-forward runs;
 the summary adds ``bptt``, ``longest_solved`` and ``final_length`` (copy tasks), ``test_bpc``
-(charlm).
+(charlm). Checkpoints, ``--resume`` and Ctrl-C work as for the feed-forward runs
+(``RecurrentRun``).
 """
 
 from __future__ import annotations
@@ -18,15 +19,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from decoupled.config import Config
+from decoupled.checkpoint import Cut, commit_cut, load_stage, save_stage
+from decoupled.config import Config, config_to_dict
+from decoupled.interrupt import Interrupted, StopRequest
 from decoupled.metrics import RunLog, build_summary, steady_samples_per_s, summary_stage_figures
 from decoupled.optim import build_optimizer
 from decoupled.recurrent import text
 from decoupled.recurrent.model import LSTMCore
 from decoupled.recurrent.tasks import LN2, CopyTask, Curriculum
 from decoupled.recurrent.tbptt import SegmentStats, TBPTTLearner, sequence_loss
-from decoupled.stage import NonFiniteError
+from decoupled.schedule import Schedule
+from decoupled.stage import NonFiniteError, check_finite
 from decoupled.synthesizer import MLPSynthesizer
+
+# Where the one-core recurrent runs train: they never move to a GPU.
+_HOST = torch.device("cpu")
 
 
 def build_learner(cfg: Config, inputs: int, outputs: int) -> TBPTTLearner:
@@ -69,9 +76,10 @@ class _Figures:
         self.sg_loss: list[float] = []
         self.sg_cosine: list[float] = []
 
-    def add(self, stats: SegmentStats) -> None:
-        if not math.isfinite(stats.loss_sum):
-            raise NonFiniteError(f"the training loss is {stats.loss_sum}")
+    def add(self, stats: SegmentStats, seq: int) -> None:
+        for what, value in (("training loss", stats.loss_sum), ("synthesizer loss", stats.sg_loss)):
+            if value is not None and not math.isfinite(value):
+                raise NonFiniteError(f"stage 0: non-finite {what} at step {seq}")
         self.loss_nats += stats.loss_sum
         self.counted += stats.counted
         if stats.sg_loss is not None and stats.sg_cosine is not None:
@@ -90,27 +98,177 @@ class _Figures:
         }
 
 
-def run_recurrent(cfg: Config, out_dir: Path | None) -> dict[str, Any]:
-    """Train as configured; writes metrics.jsonl into ``out_dir`` and returns the summary."""
+def run_recurrent(
+    cfg: Config,
+    out_dir: Path | None,
+    resume: Cut | None = None,
+    stop: StopRequest | None = None,
+) -> dict[str, Any]:
+    """Train as configured; writes metrics.jsonl (and checkpoints) into ``out_dir`` and returns
+    the summary. ``resume``: continue from that cut; ``stop``: see ``RecurrentRun``."""
+    return build_run(cfg, out_dir, resume, stop).run()
+
+
+def build_run(
+    cfg: Config,
+    out_dir: Path | None,
+    resume: Cut | None = None,
+    stop: StopRequest | None = None,
+) -> RecurrentRun:
+    """The run of ``cfg``'s task, at the step of ``resume`` when given, stopped by ``stop``."""
     # As a stage actor does: small recurrent steps lose time to extra threads on shared cores.
     torch.set_num_threads(max(1, int(cfg.runtime.cpus_per_stage)))
-    if cfg.data.name == "charlm":
-        return _CharLM(cfg, out_dir).run()
-    return _CopyRun(cfg, out_dir).run()
+    run: RecurrentRun = (
+        CharLMRun(cfg, out_dir) if cfg.data.name == "charlm" else CopyRun(cfg, out_dir)
+    )
+    run.stop = stop or StopRequest()
+    if resume is not None:
+        run.load_state_dict(load_stage(resume, 0, _HOST))
+        run.start_step = resume.step
+    return run
 
 
 def _segments(length: int, bptt: int) -> list[slice]:
     return [slice(start, min(start + bptt, length)) for start in range(0, length, bptt)]
 
 
-class _CopyRun:
+class RecurrentRun:
+    """The loop both recurrent tasks share: steps, train and eval records, and the checkpoint
+    cuts (every ``checkpoint.every`` steps and at the end, in the feed-forward runs' format, as
+    stage 0 of one). A cut holds everything the rest of the run depends on, so a resumed run
+    ends with the weights of an uninterrupted one; it is written after the step's records, so
+    the window of figures it holds is the one the next record continues.
+
+    ``stop``: once its ``signum`` is set (Ctrl-C), the run writes a cut at the next step
+    boundary and raises ``Interrupted``, as ``LocalTrainer`` does."""
+
+    def __init__(self, cfg: Config, out_dir: Path | None, learner: TBPTTLearner) -> None:
+        self.cfg, self.out_dir, self.learner = cfg, out_dir, learner
+        self.checkpoints = out_dir / "checkpoints" if out_dir is not None else None
+        self.stop = StopRequest()
+        self.start_step = 0
+        self.figures = _Figures()
+        self.last: dict[str, Any] = {}  # the last train record
+
+    # -- what a task defines ---------------------------------------------------------------
+    def step(self) -> list[SegmentStats]:
+        raise NotImplementedError
+
+    def schedule(self) -> Schedule:
+        raise NotImplementedError
+
+    def record(self) -> dict[str, Any]:
+        """Figures of the task for a train record."""
+        return {}
+
+    def evaluate(self) -> dict[str, Any]:
+        return {}
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+    def task_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_task_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg, schedule = self.cfg, self.schedule()
+        steps, batch = schedule.total_steps, cfg.data.batch_size
+        with RunLog(self.out_dir, steps, cfg.train.progress, cfg) as log:
+            log.advance(0, position=self.start_step)
+            for seq in range(self.start_step, steps):
+                if self.stop.requested:
+                    self._interrupt(seq)
+                for stats in self.step():
+                    self.figures.add(stats, seq)
+                log.advance(1)
+                if schedule.log_after(seq):
+                    self.last = {
+                        "event": "train",
+                        "step": seq + 1,
+                        "samples": (seq + 1) * batch,
+                        **self.figures.record(),
+                        **self.record(),
+                    }
+                    log.write(self.last)
+                    self.figures = _Figures()
+                if schedule.evaluate_after(seq):
+                    evaluation = self.evaluate()
+                    if evaluation:
+                        log.write({"event": "eval", "step": seq + 1, **evaluation})
+                if schedule.checkpoint_after(seq):
+                    self.save_cut(seq + 1)
+            wall_s = log.wall_s()
+            progress = log.progress
+        summary = _summary(cfg, steps, self.start_step, wall_s, progress, self.last, self.summary())
+        log.finish(summary)
+        return summary
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "learner": self.learner.state_dict(),
+            "figures": vars(self.figures),
+            "last": self.last,
+            "task": self.task_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.learner.load_state_dict(state["learner"])
+        self.figures = _Figures()
+        vars(self.figures).update(state["figures"])
+        self.last = dict(state["last"])
+        self.load_task_state(state["task"])
+
+    def save_cut(self, step: int) -> Path | None:
+        """The run at ``step`` steps done, refused when a weight is no longer finite: a run that
+        diverged stops with the last good cut on disk (``NonFiniteError``)."""
+        if self.checkpoints is None:
+            return None
+        for name, tensor in self._weights():
+            check_finite(tensor, name, 0, step)
+        save_stage(self.checkpoints, step, 0, self.state_dict(), _HOST)
+        cut = commit_cut(
+            self.checkpoints, step, 1, config_to_dict(self.cfg), self.cfg.checkpoint.keep
+        )
+        return cut.path
+
+    def _weights(self) -> list[tuple[str, torch.Tensor]]:
+        parts = {
+            "core": self.learner.core,
+            "synthesizer": self.learner.synthesizer,
+            "aux_head": self.learner.aux_head,
+        }
+        return [
+            (f"{part} weight {name}", tensor)
+            for part, module in parts.items()
+            if module is not None
+            for name, tensor in module.named_parameters()
+        ]
+
+    def _interrupt(self, seq: int) -> None:
+        assert self.stop.signum is not None
+        path = self.save_cut(seq)
+        raise Interrupted(self.stop.signum, seq, str(path) if path else None)
+
+
+class CopyRun(RecurrentRun):
+    """Copy and Repeat Copy: a step is one batch of episodes from a zero state, the length set
+    by the curriculum."""
+
     def __init__(self, cfg: Config, out_dir: Path | None) -> None:
-        self.cfg, self.out_dir = cfg, out_dir
         rc = cfg.recurrent
         self.task = CopyTask(rc.alphabet, rc.repeats if cfg.data.name == "repeat_copy" else 0)
-        self.learner = build_learner(cfg, self.task.inputs, self.task.outputs)
+        super().__init__(cfg, out_dir, build_learner(cfg, self.task.inputs, self.task.outputs))
         self.curriculum = Curriculum(rc.start_length, rc.threshold, rc.window, rc.max_length)
         self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    def schedule(self) -> Schedule:
+        steps, train = total_steps(self.cfg), self.cfg.train
+        return Schedule(steps, steps, steps, train.log_every, self.cfg.checkpoint.every)
 
     def step(self) -> list[SegmentStats]:
         episode = self.task.episode(
@@ -127,54 +285,52 @@ class _CopyRun:
         self.curriculum.record(sum(o.loss_sum for o in out), sum(o.counted for o in out))
         return out
 
-    def run(self) -> dict[str, Any]:
-        cfg, steps = self.cfg, total_steps(self.cfg)
-        figures, last = _Figures(), dict[str, Any]()
-        with RunLog(self.out_dir, steps, cfg.train.progress, cfg) as log:
-            for seq in range(steps):
-                for stats in self.step():
-                    figures.add(stats)
-                log.advance(1)
-                if (seq + 1) % cfg.train.log_every == 0 or seq + 1 == steps:
-                    last = {
-                        "event": "train",
-                        "step": seq + 1,
-                        "samples": (seq + 1) * cfg.data.batch_size,
-                        **figures.record(),
-                        "length": self.curriculum.length,
-                        "longest_solved": self.curriculum.solved,
-                        "error_bits": self.curriculum.error,
-                    }
-                    log.write(last)
-                    figures = _Figures()
-            wall_s = log.wall_s()
-            progress = log.progress
-        summary = _summary(
-            cfg,
-            steps,
-            wall_s,
-            progress,
-            last,
-            {
-                "longest_solved": self.curriculum.solved,
-                "final_length": self.curriculum.length,
-                "final_error_bits": self.curriculum.error,
-            },
-        )
-        log.finish(summary)
-        return summary
+    def record(self) -> dict[str, Any]:
+        return {
+            "length": self.curriculum.length,
+            "longest_solved": self.curriculum.solved,
+            "error_bits": self.curriculum.error,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "longest_solved": self.curriculum.solved,
+            "final_length": self.curriculum.length,
+            "final_error_bits": self.curriculum.error,
+        }
+
+    def task_state(self) -> dict[str, Any]:
+        return {"curriculum": self.curriculum.state_dict(), "episodes": self.generator.get_state()}
+
+    def load_task_state(self, state: dict[str, Any]) -> None:
+        self.curriculum.load_state_dict(state["curriculum"])
+        self.generator.set_state(state["episodes"])
 
 
-class _CharLM:
+class CharLMRun(RecurrentRun):
+    """Character-level language modelling: a step is the next T characters of every stream,
+    the state running on across steps (and starting afresh with each pass over the text)."""
+
     def __init__(self, cfg: Config, out_dir: Path | None) -> None:
-        self.cfg, self.out_dir = cfg, out_dir
+        super().__init__(cfg, out_dir, build_learner(cfg, text.VOCAB, text.VOCAB))
         codes = text.encode(text.load_corpus(cfg.data.root, cfg.data.download))
         self.train, self.held_out = text.split(codes)
         self.streams = text.streams(self.train, cfg.data.batch_size)
-        self.learner = build_learner(cfg, text.VOCAB, text.VOCAB)
         self.position = 0
+        self.bpc: float | None = None
 
-    def step(self) -> SegmentStats:
+    def schedule(self) -> Schedule:
+        length, train = self.streams.shape[0] - 1, self.cfg.train
+        steps = total_steps(self.cfg, length)
+        return Schedule(
+            total_steps=steps,
+            steps_per_epoch=max(length // self.cfg.model.bptt, 1),
+            eval_every=train.eval_every or steps,
+            log_every=train.log_every,
+            checkpoint_every=self.cfg.checkpoint.every,
+        )
+
+    def step(self) -> list[SegmentStats]:
         bptt, length = self.cfg.model.bptt, self.streams.shape[0] - 1
         if self.position + bptt > length:
             # A new pass over the text: the streams jump back, so the state starts afresh.
@@ -184,38 +340,21 @@ class _CharLM:
         y = self.streams[self.position + 1 : self.position + bptt + 1]
         self.position += bptt
         one_hot = nn.functional.one_hot(x, text.VOCAB).float()
-        return self.learner.segment(one_hot, y, torch.ones_like(y, dtype=torch.bool))
+        return [self.learner.segment(one_hot, y, torch.ones_like(y, dtype=torch.bool))]
 
-    def evaluate(self) -> float:
+    def evaluate(self) -> dict[str, Any]:
         """Bits per character on the held-out text, read as one stream in chunks."""
-        return held_out_bpc(self.learner.core, self.held_out, self.cfg.recurrent.eval_chars)
+        self.bpc = held_out_bpc(self.learner.core, self.held_out, self.cfg.recurrent.eval_chars)
+        return {"test_bpc": self.bpc}
 
-    def run(self) -> dict[str, Any]:
-        cfg = self.cfg
-        steps = total_steps(cfg, self.streams.shape[0] - 1)
-        eval_every = cfg.train.eval_every or steps
-        figures, last, bpc = _Figures(), dict[str, Any](), None
-        with RunLog(self.out_dir, steps, cfg.train.progress, cfg) as log:
-            for seq in range(steps):
-                figures.add(self.step())
-                log.advance(1)
-                if (seq + 1) % cfg.train.log_every == 0 or seq + 1 == steps:
-                    last = {
-                        "event": "train",
-                        "step": seq + 1,
-                        "samples": (seq + 1) * cfg.data.batch_size,
-                        **figures.record(),
-                    }
-                    log.write(last)
-                    figures = _Figures()
-                if (seq + 1) % eval_every == 0 or seq + 1 == steps:
-                    bpc = self.evaluate()
-                    log.write({"event": "eval", "step": seq + 1, "test_bpc": bpc})
-            wall_s = log.wall_s()
-            progress = log.progress
-        summary = _summary(cfg, steps, wall_s, progress, last, {"test_bpc": bpc})
-        log.finish(summary)
-        return summary
+    def summary(self) -> dict[str, Any]:
+        return {"test_bpc": self.bpc}
+
+    def task_state(self) -> dict[str, Any]:
+        return {"position": self.position, "bpc": self.bpc}
+
+    def load_task_state(self, state: dict[str, Any]) -> None:
+        self.position, self.bpc = int(state["position"]), state["bpc"]
 
 
 @torch.no_grad()
@@ -242,17 +381,19 @@ def held_out_bpc(core: LSTMCore, codes: torch.Tensor, limit: int = 0, chunk: int
 def _summary(
     cfg: Config,
     steps: int,
+    first_step: int,
     wall_s: float,
     progress: list[tuple[int, float]],
     last: dict[str, Any],
     extra: dict[str, Any],
 ) -> dict[str, Any]:
-    batch = cfg.data.batch_size
+    # Rates over the steps this process ran (a resumed run: from its cut on).
+    batch, ran = cfg.data.batch_size, steps - first_step
     stage = summary_stage_figures(
         {
             "index": 0,
             "steps": steps,
-            "samples_per_s": steps * batch / wall_s if wall_s > 0 else None,
+            "samples_per_s": ran * batch / wall_s if wall_s > 0 else None,
             "busy_fraction": 1.0,
             "sg_loss": last.get("stage0/sg_loss"),
             "sg_cosine": last.get("stage0/sg_cosine"),
@@ -263,10 +404,10 @@ def _summary(
         num_stages=1,
         steps=steps,
         wall_s=wall_s,
-        samples=steps * batch,
+        samples=ran * batch,
         train_loss=last.get("train_loss"),
         test_accuracy=None,
         stages=[stage],
-        steady_samples_per_s=steady_samples_per_s(progress, 0, steps, batch),
+        steady_samples_per_s=steady_samples_per_s(progress, first_step, steps, batch),
         extra={"bptt": cfg.model.bptt, **extra},
     )
