@@ -194,6 +194,8 @@ def test_a_killed_core_actor_restarts_both_from_the_last_cut_and_ends_as_an_unin
     restarts = [r for r in records if r["event"] == "restart"]
     assert len(restarts) == 1 and restarts[0]["step"] >= cut > 0, (restarts, cut)
     assert "fast core" in restarts[0]["reason"]
+    # The new actors started from the cut, not from the start: only the chunks after it ran.
+    assert summary["samples"] == (total - restarts[0]["step"]) * 4 * 8
     assert f"restart 1/3 from step {restarts[0]['step']}" in capsys.readouterr().err
     _assert_same_end(run, reference)
 
