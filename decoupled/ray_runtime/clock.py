@@ -20,11 +20,12 @@ from typing import Any
 import ray
 import torch
 
-from decoupled.checkpoint import Cut, commit_cut
+from decoupled.checkpoint import Cut, commit_cut, latest_cut
 from decoupled.config import Config, config_to_dict, parse_config
 from decoupled.interrupt import Interrupted, StopRequest
 from decoupled.metrics import RunLog
 from decoupled.ray_runtime.connect import init_ray
+from decoupled.ray_runtime.controller import JobState, StageFailed, after_failure, announce_restart
 from decoupled.recurrent.clock_trainer import (
     NUM_CORES,
     CoreLoop,
@@ -35,6 +36,7 @@ from decoupled.recurrent.clock_trainer import (
     lockstep,
     save_to,
 )
+from decoupled.stage import NonFiniteError
 
 IN_FLIGHT = 64  # unanswered deliveries per actor
 CALL_TIMEOUT_S = 60.0  # a control call or a delivery that takes longer means the peer is gone
@@ -175,96 +177,174 @@ def train_clock_on_ray(
     stop: StopRequest | None = None,
 ) -> dict[str, Any]:
     """Run the two cores on two actors as configured; metrics.jsonl and cuts into ``out_dir``,
-    continuing from ``resume``; returns the summary. Raises RuntimeError when a core fails or
-    stalls, ``Interrupted`` once a cut is written after a ``stop`` request."""
+    continuing from ``resume``; returns the summary. A core that fails, dies or stalls restarts
+    both from the last complete cut, up to ``runtime.max_failures`` times, then raises
+    ``StageFailed``; ``NonFiniteError`` is not retried; ``Interrupted`` once a cut is written
+    after a ``stop`` request."""
     if resume is not None:
         check_clock_cut(resume, cfg)
     started = init_ray(cfg)
-    actors: list[Any] = []
+    job = _ClockJob(cfg, out_dir, resume, stop or StopRequest())
     try:
-        config = config_to_dict(cfg)
-        checkpoints = out_dir / "checkpoints" if out_dir is not None else None
-        where = str(checkpoints) if checkpoints is not None else None
-        options = {"num_cpus": cfg.runtime.cpus_per_stage, "num_gpus": 0, "max_concurrency": 8}
-        slow: Any = ray.remote(SlowActor).options(**options).remote(config, where, resume)
-        fast: Any = ray.remote(FastActor).options(**options).remote(config, where, resume)
-        actors = [slow, fast]
-        ray.get([a.ready.remote() for a in actors], timeout=cfg.runtime.timeout_s)
-        ray.get([slow.connect.remote(fast), fast.connect.remote(slow)], timeout=CALL_TIMEOUT_S)
-        driver = _Driver(cfg, slow, fast, checkpoints, resume, stop or StopRequest())
-        return driver.run(out_dir)
+        return job.run(out_dir)
     finally:
-        for actor in actors:
-            ray.kill(actor)
+        job.kill()
         if started:
             ray.shutdown()
 
 
-class _Driver:
-    """Starts the two actors, polls them until both are done, seals the cuts they write."""
+class _ClockJob:
+    """Starts the two actors, polls them until both are done, seals the cuts they write, and
+    after a failure starts both again from the last cut (the feed-forward runtime's policy,
+    ``controller.after_failure``)."""
 
-    def __init__(
-        self,
-        cfg: Config,
-        slow: Any,
-        fast: Any,
-        checkpoints: Path | None,
-        resume: Cut | None,
-        stop: StopRequest,
-    ) -> None:
-        self.cfg, self.slow, self.fast = cfg, slow, fast
-        self.checkpoints, self.stop = checkpoints, stop
-        self.first = resume.step if resume is not None else 0
+    def __init__(self, cfg: Config, out_dir: Path | None, resume: Cut | None, stop: StopRequest):
+        self.cfg, self.stop = cfg, stop
+        self.checkpoints = out_dir / "checkpoints" if out_dir is not None else None
+        self.first = resume.step if resume is not None else 0  # where this run started
         self.last_cut: Cut | None = resume
+        self.restarts = 0
+        self.actors: dict[str, Any] = {}  # role -> actor, slow first
         self._saved: dict[int, set[int]] = {}  # step -> cores whose part of that cut is written
         self._interrupted_at: float | None = None
 
     def run(self, out_dir: Path | None) -> dict[str, Any]:
-        cfg, slow, fast = self.cfg, self.slow, self.fast
-        steps = cfg.train.steps or 0
-        with RunLog(out_dir, steps, cfg.train.progress, cfg) as log:
+        cfg = self.cfg
+        finals: list[dict[str, Any]] = []
+        with RunLog(out_dir, cfg.train.steps or 0, cfg.train.progress, cfg) as log:
             log.advance(0, position=self.first)
-            ray.get([fast.start.remote(), slow.start.remote()], timeout=CALL_TIMEOUT_S)
-            logged, progress_at, last_chunks = (
-                self.first // cfg.train.log_every,
-                time.monotonic(),
-                -1,
-            )
-            while True:
-                time.sleep(POLL_EVERY_S)
-                polls = ray.get([slow.poll.remote(), fast.poll.remote()], timeout=CALL_TIMEOUT_S)
-                self._seal(polls)
-                for role, poll in zip(("slow", "fast"), polls, strict=True):
-                    if poll["error"]:
-                        raise RuntimeError(f"the {role} core failed: {poll['error']}")
-                s, f = polls
-                log.advance(0, position=s["chunks"])
-                if s["chunks"] // cfg.train.log_every > logged:
-                    logged = s["chunks"] // cfg.train.log_every
-                    log.write(_record(cfg, s, f))
-                if self.stop.requested:
-                    self._interrupt(s["chunks"])
-                if s["done"] and f["done"]:
-                    break
-                if s["chunks"] + f["chunks"] != last_chunks:
-                    last_chunks, progress_at = s["chunks"] + f["chunks"], time.monotonic()
-                elif time.monotonic() - progress_at > cfg.runtime.stall_timeout_s:
-                    raise RuntimeError(
-                        f"no core made a step for {cfg.runtime.stall_timeout_s:g}s "
-                        "(runtime.stall_timeout_s)"
-                    )
-            finals = ray.get(
-                [slow.finish.remote(CALL_TIMEOUT_S), fast.finish.remote(CALL_TIMEOUT_S)],
-                timeout=2 * CALL_TIMEOUT_S + 10,
-            )
-            self._seal(finals)
-            if self.stop.requested:  # both ended after the interrupt's cut: report it
-                self._interrupt(finals[0]["chunks"], force=True)
+            state, failure = JobState.STARTING, None
+            while state is not JobState.DONE:
+                try:
+                    if state is JobState.STARTING:
+                        self._launch()
+                        state = JobState.RUNNING
+                    elif state is JobState.RUNNING:
+                        self._watch(log)
+                        state = JobState.STOPPING
+                    elif state is JobState.STOPPING:
+                        finals = self._finish()
+                        state = JobState.DONE
+                    elif state is JobState.RESTARTING:
+                        assert failure is not None
+                        self._restart(log, failure)
+                        state = JobState.STARTING
+                except StageFailed as err:
+                    next_state = after_failure(self.restarts, cfg.runtime.max_failures)
+                    if next_state is None:
+                        raise self._given_up(err) from err
+                    state, failure = next_state, err
             log.write(_record(cfg, *finals))
             wall_s = log.wall_s()
         summary = clock_summary(cfg, finals[0], finals[1], wall_s, resumed_from=self.first)
+        summary["restarts"] = self.restarts
         log.finish(summary)
         return summary
+
+    def _launch(self) -> None:
+        """Both actors, from the last cut, wired to each other and started."""
+        cfg = self.cfg
+        config = config_to_dict(cfg)
+        where = str(self.checkpoints) if self.checkpoints is not None else None
+        options = {"num_cpus": cfg.runtime.cpus_per_stage, "num_gpus": 0, "max_concurrency": 8}
+        for role, actor in (("slow", SlowActor), ("fast", FastActor)):
+            self.actors[role] = (
+                ray.remote(actor).options(**options).remote(config, where, self.last_cut)
+            )
+        slow, fast = self.actors["slow"], self.actors["fast"]
+        self._get({"slow": slow.ready.remote(), "fast": fast.ready.remote()}, cfg.runtime.timeout_s)
+        self._get({"slow": slow.connect.remote(fast), "fast": fast.connect.remote(slow)})
+        self._get({"fast": fast.start.remote(), "slow": slow.start.remote()})
+
+    def _watch(self, log: RunLog) -> None:
+        """Poll until both cores are done; seal cuts; raise on failure, stall or signal."""
+        cfg = self.cfg
+        poll_timeout = min(CALL_TIMEOUT_S, cfg.runtime.stall_timeout_s)
+        start = self.last_cut.step if self.last_cut is not None else 0  # launched from
+        logged, progress_at, last_chunks = start // cfg.train.log_every, time.monotonic(), -1
+        while True:
+            time.sleep(POLL_EVERY_S)
+            polls = self._get(
+                {role: actor.poll.remote() for role, actor in self.actors.items()}, poll_timeout
+            )
+            self._seal(polls)  # what was saved before a failure: the last good cut
+            for role, poll in zip(self.actors, polls, strict=True):
+                if poll["error"] and poll["error"].startswith(f"{NonFiniteError.__name__}:"):
+                    raise NonFiniteError(f"the {role} core: {poll['error']}")
+                if poll["error"]:
+                    raise StageFailed(f"the {role} core failed: {poll['error']}")
+            s, f = polls
+            log.advance(0, position=s["chunks"])
+            if s["chunks"] // cfg.train.log_every > logged:
+                logged = s["chunks"] // cfg.train.log_every
+                log.write(_record(cfg, s, f))
+            if self.stop.requested:
+                self._interrupt(s["chunks"])
+            if s["done"] and f["done"]:
+                return
+            if s["chunks"] + f["chunks"] != last_chunks:
+                last_chunks, progress_at = s["chunks"] + f["chunks"], time.monotonic()
+            elif time.monotonic() - progress_at > cfg.runtime.stall_timeout_s:
+                raise StageFailed(
+                    f"no core made a step for {cfg.runtime.stall_timeout_s:g}s "
+                    "(runtime.stall_timeout_s)"
+                )
+
+    def _finish(self) -> list[dict[str, Any]]:
+        """Both cores' final figures, once their loops have ended."""
+        finals = self._get(
+            {role: actor.finish.remote(CALL_TIMEOUT_S) for role, actor in self.actors.items()},
+            2 * CALL_TIMEOUT_S + 10,
+        )
+        self._seal(finals)
+        if self.stop.requested:  # both ended after the interrupt's cut: report it
+            self._interrupt(finals[0]["chunks"], force=True)
+        return finals
+
+    def _restart(self, log: RunLog, failure: StageFailed) -> None:
+        """Report the restart, then kill both actors: the next launch starts from the last cut."""
+        self.restarts += 1
+        self._saved.clear()
+        # Only this driver seals cuts: the last one is known before the teardown.
+        if self.checkpoints is not None:
+            self.last_cut = latest_cut(self.checkpoints) or self.last_cut
+        step = self.last_cut.step if self.last_cut is not None else 0
+        samples = step * self.cfg.clock.every * self.cfg.data.batch_size
+        announce_restart(log, failure, self.restarts, self.cfg.runtime.max_failures, step, samples)
+        self.kill()
+        self._interrupted_at = None  # a signal seen before: ask the new slow core for its cut
+
+    def _given_up(self, failure: StageFailed) -> StageFailed:
+        """The failure that ends the run, saying where it can go on from."""
+        cut = self.last_cut
+        where = f"the last cut is {cut.path} (step {cut.step})" if cut else "no cut was written"
+        return StageFailed(
+            f"{failure}; no restart left (runtime.max_failures={self.cfg.runtime.max_failures}); "
+            f"{where}"
+        )
+
+    def kill(self) -> None:
+        """Release both actors, whatever their state: a dead or hung one answers nothing."""
+        for actor in self.actors.values():
+            ray.kill(actor)
+        self.actors = {}
+
+    def _get(self, calls: dict[str, Any], timeout: float = CALL_TIMEOUT_S) -> list[Any]:
+        """The results of one call per core (by role), or ``StageFailed`` naming the core whose
+        actor died or did not answer within ``timeout``."""
+        refs = list(calls.values())
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        results: dict[str, Any] = {}
+        for role, ref in calls.items():  # a death first: it may be why the other hangs
+            if ref in ready:
+                try:
+                    results[role] = ray.get(ref, timeout=0)
+                except ray.exceptions.RayActorError as err:
+                    raise StageFailed(f"the {role} core's actor died: {err}") from err
+        for role in calls:
+            if role not in results:
+                raise StageFailed(f"the {role} core's actor did not answer within {timeout:g}s")
+        return [results[role] for role in calls]
 
     def _seal(self, polls: list[dict[str, Any]]) -> None:
         """Commit every cut both cores have written their part of."""
@@ -292,7 +372,7 @@ class _Driver:
             raise Interrupted(signum, step, None)
         now = time.monotonic()
         if self._interrupted_at is None:
-            ray.get(self.slow.interrupt.remote(), timeout=CALL_TIMEOUT_S)
+            self._get({"slow": self.actors["slow"].interrupt.remote()})
             self._interrupted_at = now
             return
         if force or now - self._interrupted_at > INTERRUPT_CHECKPOINT_S:

@@ -76,6 +76,34 @@ def after_failure(restarts: int, max_failures: int) -> JobState | None:
     return JobState.RESTARTING if restarts < max_failures else None
 
 
+def announce_restart(
+    run_log: RunLog,
+    failure: Exception,
+    restarts: int,
+    max_failures: int,
+    step: int,
+    samples: int,
+) -> None:
+    """Say on stderr and in metrics.jsonl ("restart" record) that restart ``restarts`` goes on
+    from the cut at ``step`` (0: the start); the two-core runtime reports its restarts so too."""
+    # The first line says which stage; the last, for a traceback, what went wrong.
+    lines = str(failure).strip().splitlines()
+    reason = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
+    print(
+        f"decoupled: {reason}; restart {restarts}/{max_failures} from step {step}",
+        file=sys.stderr,
+    )
+    run_log.write(
+        {
+            "event": "restart",
+            "restarts": restarts,
+            "step": step,
+            "samples": samples,
+            "reason": reason,
+        }
+    )
+
+
 def train_on_ray(
     cfg: Config,
     dataset: Dataset | DatasetInfo,
@@ -284,22 +312,13 @@ class RayJob:
         if self.checkpoints is not None:
             self._last_cut = latest_cut(self.checkpoints) or self._last_cut
         step = self._last_cut.step if self._last_cut is not None else 0
-        # The first line says which stage; the last, for a traceback, what went wrong.
-        lines = str(failure).strip().splitlines()
-        reason = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
-        print(
-            f"decoupled: {reason}; restart {self.restarts}/{self.cfg.runtime.max_failures} "
-            f"from step {step}",
-            file=sys.stderr,
-        )
-        run_log.write(
-            {
-                "event": "restart",
-                "restarts": self.restarts,
-                "step": step,
-                "samples": step * self.cfg.data.batch_size,
-                "reason": reason,
-            }
+        announce_restart(
+            run_log,
+            failure,
+            self.restarts,
+            self.cfg.runtime.max_failures,
+            step,
+            samples=step * self.cfg.data.batch_size,
         )
         stage_nodes = [d["node_id"] for d in self.described]
         self._excluded |= lost_nodes(stage_nodes, node_table(ray.nodes()), raylet_reachable)

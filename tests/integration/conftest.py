@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import ray
@@ -29,6 +31,31 @@ def logical_cluster(num_gpus: int = 0, num_cpus: int = 4) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def actor_of_this_cluster(name: str) -> int:
+    """The pid of an actor of class ``name`` of the module's cluster: a ``ray::<name>`` process
+    that descends from this one (its raylet's parent), never one of another cluster on this box."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (entry / "cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            continue
+        if not title.startswith(f"ray::{name}".encode()):
+            continue
+        pid = int(entry.name)
+        while pid > 1:
+            try:
+                pid = int(
+                    (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1]
+                )
+            except (OSError, IndexError, ValueError):
+                break
+            if pid == os.getpid():
+                return int(entry.name)
+    raise AssertionError(f"no {name} of this test's cluster is running")
 
 
 @pytest.fixture(scope="module")

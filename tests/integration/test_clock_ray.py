@@ -1,10 +1,12 @@
 """Two cores at two clock rates on two Ray actors (decoupled/ray_runtime/clock.py): the slow actor
 does not wait for a slowed fast actor when decoupled, and does when lockstep; a lockstep run
-interrupted and resumed on the actors ends as an uninterrupted one."""
+interrupted and resumed on the actors, or restarted after one of them is killed, ends as an
+uninterrupted one."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -16,9 +18,9 @@ import pytest
 import torch
 
 import decoupled
-from decoupled.checkpoint import latest_cut, load_stage
+from decoupled.checkpoint import complete_steps, latest_cut, load_stage
 from decoupled.interrupt import Interrupted, StopRequest
-from tests.integration.conftest import logical_cluster
+from tests.integration.conftest import actor_of_this_cluster, logical_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -117,11 +119,96 @@ def test_lockstep_actors_interrupted_and_resumed_end_as_an_uninterrupted_run(
     assert summary["steps"] == summary["slow_chunks"] == summary["fast_chunks"] == total
     saved = json.loads((run / "summary.json").read_text())
     assert saved["resumed_from"] == cut.step and saved["steps"] == total
+    _assert_same_end(run, reference)
+
+
+def _assert_same_end(run: Path, reference: Path) -> None:
+    """Both runs' last cuts hold the same cores, optimizers and states, bit for bit."""
     ends = [latest_cut(r / "checkpoints") for r in (run, reference)]
+    assert ends[0] is not None and ends[1] is not None and ends[0].step == ends[1].step
     for index in (0, 1):
         a, b = (load_stage(end, index, torch.device("cpu")) for end in ends if end is not None)
         for key in ("core", "optimizer", "state"):
             assert _equal(a[key], b[key]), (index, key)
+
+
+def _train_in_background(
+    config: dict[str, Any], out: Path
+) -> tuple[threading.Thread, dict[str, Any]]:
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["summary"] = decoupled.train(config, out=out)
+        except BaseException as err:  # handed to the test thread
+            result["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def _kill_after_first_cut(out: Path, actor: str) -> int:
+    """SIGKILL the ``actor`` (class name) once a cut is sealed; that cut's step."""
+    deadline = time.monotonic() + 120
+    while not (steps := complete_steps(out / "checkpoints")):
+        assert time.monotonic() < deadline, "no cut sealed"
+        time.sleep(0.05)
+    os.kill(actor_of_this_cluster(actor), signal.SIGKILL)
+    return steps[-1]
+
+
+@pytest.mark.usefixtures("small_cluster")
+def test_a_killed_core_actor_restarts_both_from_the_last_cut_and_ends_as_an_uninterrupted_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The fast actor killed after the first cut: both restart from it and, lockstep, end bit for
+    bit where an uninterrupted in-process run does. With no restart allowed (the slow actor
+    killed), the run fails saying so, and its cut stays."""
+    total = 80
+    config: dict[str, Any] = {
+        "seed": 1,
+        "stages": 2,
+        "data": {"name": "lag_copy", "batch_size": 8},
+        "model": {"name": "lstm", "layers": 1, "hidden": 16, "bptt": 2},
+        "method": {"name": "backprop"},
+        "recurrent": {"alphabet": 4},
+        # Paced, so that the kill lands well before the end.
+        "clock": {"every": 4, "slow_hidden": 16, "interface": 8, "slow_delay_s": 0.05},
+        "train": {"steps": total, "log_every": 5, "progress": False},
+        "checkpoint": {"every": 10},
+        "runtime": {"backend": "ray", "timeout_s": 120, "stall_timeout_s": 60},
+    }
+    reference = tmp_path / "reference"
+    decoupled.train(config, ["clock.slow_delay_s=0", "runtime.backend=local"], out=reference)
+
+    run = tmp_path / "run"
+    thread, result = _train_in_background(config, run)
+    cut = _kill_after_first_cut(run, "FastActor")
+    thread.join(timeout=120)
+    assert not thread.is_alive() and "error" not in result, result.get("error")
+    summary = result["summary"]
+    assert summary["restarts"] == 1 and summary["steps"] == summary["fast_chunks"] == total
+    assert json.loads((run / "summary.json").read_text())["restarts"] == 1
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    restarts = [r for r in records if r["event"] == "restart"]
+    assert len(restarts) == 1 and restarts[0]["step"] >= cut > 0, (restarts, cut)
+    assert "fast core" in restarts[0]["reason"]
+    # The new actors started from the cut, not from the start: only the chunks after it ran.
+    assert summary["samples"] == (total - restarts[0]["step"]) * 4 * 8
+    assert f"restart 1/3 from step {restarts[0]['step']}" in capsys.readouterr().err
+    _assert_same_end(run, reference)
+
+    spent = tmp_path / "spent"
+    config["runtime"]["max_failures"] = 0
+    thread, result = _train_in_background(config, spent)
+    _kill_after_first_cut(spent, "SlowActor")
+    thread.join(timeout=120)
+    assert not thread.is_alive() and "summary" not in result
+    error = str(result["error"])
+    assert "slow core" in error and "no restart left (runtime.max_failures=0)" in error, error
+    kept = latest_cut(spent / "checkpoints")
+    assert kept is not None and 0 < kept.step < total and str(kept.path) in error
 
 
 def _equal(a: Any, b: Any) -> bool:

@@ -24,6 +24,7 @@ from decoupled.ray_runtime.controller import RayJob
 from decoupled.stage import NonFiniteError
 from tests.conftest import DIGITS_CONFIG, digits_config
 from tests.integration import paced_data
+from tests.integration.conftest import actor_of_this_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_cluster")]
 
@@ -203,31 +204,6 @@ def _weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _stage_actor_of_this_cluster() -> int:
-    """The pid of a stage actor of the module's cluster: a ``ray::StageActor`` process that
-    descends from this one (its raylet's parent), never one of another cluster on this box."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            title = (entry / "cmdline").read_bytes().split(b"\0")[0]
-        except OSError:
-            continue
-        if not title.startswith(b"ray::StageActor"):
-            continue
-        pid = int(entry.name)
-        while pid > 1:
-            try:
-                pid = int(
-                    (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1]
-                )
-            except (OSError, IndexError, ValueError):
-                break
-            if pid == os.getpid():
-                return int(entry.name)
-    raise AssertionError("no stage actor of this test's cluster is running")
-
-
 def _restarted(out: Path) -> dict[str, Any] | None:
     return next((r for r in _records(out) if r["event"] == "restart"), None)
 
@@ -250,7 +226,7 @@ def test_sigint_then_resume_matches_an_uninterrupted_run_exactly(
         while not complete_steps(interrupted / "checkpoints"):
             assert time.monotonic() < deadline, "no cut sealed"
             time.sleep(0.1)
-        os.kill(_stage_actor_of_this_cluster(), signal.SIGKILL)
+        os.kill(actor_of_this_cluster("StageActor"), signal.SIGKILL)
         while (restart := _restarted(interrupted)) is None:
             assert time.monotonic() < deadline + 60, "no restart after the kill"
             time.sleep(0.1)
