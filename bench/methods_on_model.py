@@ -29,9 +29,12 @@ from typing import Any
 
 import ray
 from common import cell, machine, wait_quiet
+from peer_pipelining import SCHEDULES
+from throughput import Case, run_peer_case
 
 from decoupled.api import run_training
 from decoupled.config import ConfigError, load_config
+from decoupled.data import load_dataset
 
 BASELINE = "backprop"
 METHODS = [BASELINE, "pipeline", "dni", "cdni", "dgl", "delayed", "ddp"]
@@ -71,6 +74,41 @@ def run_case(method: str, backend: str, args: argparse.Namespace) -> dict[str, A
         "boundaries": summary.get("boundaries"),
         "sg_cosine": [s.get("sg_cosine") for s in summary["stages"][:-1]],
         "sg_true_cosine": [s.get("sg_true_cosine") for s in summary["stages"][:-1]],
+        "cpu_busy_before": busy,
+        "overrides": overrides,
+    }
+
+
+def run_peer(schedule: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The peer ``torch.distributed.pipelining`` schedule on K Ray actors: the model, split,
+    data, micro-batches and optimizer of ``pipeline`` (bench/peer_pipelining.py). It is timed,
+    not evaluated; its steady samples/s is its last stage's clock at every step."""
+    overrides = [
+        "method.name=pipeline",
+        f"stages={args.stages}",
+        f"seed={args.seed}",
+        f"data.root={args.data_root}",
+        f"train.steps={args.steps}",
+        "runtime.backend=ray",
+        *args.set,
+    ]
+    cfg = load_config(args.config, overrides)
+    dataset = load_dataset(cfg.data, cfg.model.context, cfg.recurrent.eval_chars)
+    busy = wait_quiet(args.quiet, timeout_s=args.quiet_timeout)
+    result = run_peer_case(Case(schedule, args.stages, "peer"), cfg, dataset, busy)
+    return {
+        "method": f"{schedule} (peer)",
+        "backend": "ray",
+        "stages": args.stages,
+        "steps": args.steps,
+        "test_loss": None,
+        "test_bpc": None,
+        "test_accuracy": None,
+        "train_loss": result["train_loss"],
+        "steady_samples_per_s": result["steady_samples_per_s"],
+        "wall_s": result["call_s"],
+        "sg_cosine": [],
+        "sg_true_cosine": [],
         "cpu_busy_before": busy,
         "overrides": overrides,
     }
@@ -116,6 +154,9 @@ def parser(
     p.add_argument(
         "--backends", nargs="+", choices=["local", "ray"], default=backends or ["local", "ray"]
     )
+    p.add_argument(
+        "--peer", nargs="*", default=[], choices=list(SCHEDULES), help="peer schedules (Ray)"
+    )
     p.add_argument("--data-root", default="data", help="data.root")
     p.add_argument("--stages", type=int, default=2, help="K workers of the other methods")
     p.add_argument("--seed", type=int, default=0)
@@ -146,6 +187,9 @@ def main(args: argparse.Namespace) -> None:
                     refused = {"method": method, "backend": backend, "refused": str(err)}
                     runs.append(refused)
                 print(json.dumps(runs[-1]), flush=True)
+        for schedule in args.peer if "ray" in args.backends else []:
+            runs.append(run_peer(schedule, args))
+            print(json.dumps(runs[-1]), flush=True)
     finally:
         if ray.is_initialized():
             ray.shutdown()

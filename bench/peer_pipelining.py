@@ -35,7 +35,6 @@ from typing import Any, Final
 
 import ray
 import torch
-import torch.nn.functional as F
 from common import add_model_args, steady_rate
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -52,6 +51,7 @@ from decoupled.ray_runtime.transport_torch import (
     free_port,
     open_process_group,
 )
+from decoupled.stage import cross_entropy
 
 SCHEDULES: Final = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 CONTROL_TIMEOUT_S: Final = 60.0  # set-up and teardown calls; a healthy actor answers in seconds
@@ -109,7 +109,9 @@ class PeerStageActor:
         cfg, k = self.cfg, self.num_stages
         stage = TimedStage(self.module, self.index, k, torch.device("cpu"))
         runner = SCHEDULES[schedule](
-            stage, n_microbatches=cfg.method.micro_batches, loss_fn=F.cross_entropy
+            stage,
+            n_microbatches=cfg.method.micro_batches,
+            loss_fn=cross_entropy,  # the project's: (B, C) or (B, T, V) logits
         )
         stream = TrainStream(
             self.dataset.train_x, self.dataset.train_y, cfg.data.batch_size, cfg.seed
