@@ -21,6 +21,7 @@ import decoupled
 from decoupled.checkpoint import complete_steps, latest_cut, load_stage
 from decoupled.interrupt import Interrupted, StopRequest
 from tests.integration.conftest import actor_of_this_cluster, logical_cluster
+from tests.unit.test_clock import _equal
 
 pytestmark = pytest.mark.integration
 
@@ -67,6 +68,23 @@ def test_slow_actor_never_waits_for_a_slowed_fast_actor(tmp_path: Path) -> None:
     assert lock["slow_wait_s"] > 0.8 * STEPS * PAUSE  # it waited for every true gradient
 
 
+def _paced_lockstep(total: int, cut_every: int) -> dict[str, Any]:
+    """A small lockstep two-core run on the actors, its slow core paced so that a signal or a
+    kill lands well before the end."""
+    return {
+        "seed": 1,
+        "stages": 2,
+        "data": {"name": "lag_copy", "batch_size": 8},
+        "model": {"name": "lstm", "layers": 1, "hidden": 16, "bptt": 2},
+        "method": {"name": "backprop"},
+        "recurrent": {"alphabet": 4},
+        "clock": {"every": 4, "slow_hidden": 16, "interface": 8, "slow_delay_s": 0.05},
+        "train": {"steps": total, "log_every": 5, "progress": False},
+        "checkpoint": {"every": cut_every},
+        "runtime": {"backend": "ray", "timeout_s": 120, "stall_timeout_s": 60},
+    }
+
+
 def _stop_once_logged(metrics: Path, stop: StopRequest) -> threading.Thread:
     """Ctrl-C, as the handler records it, once the run has logged its first record."""
 
@@ -90,19 +108,8 @@ def test_lockstep_actors_interrupted_and_resumed_end_as_an_uninterrupted_run(
     """Ctrl-C: the slow actor cuts at its next tick, the fast one before reading that tick's
     output; the resumed actors end bit for bit where one uninterrupted run (in-process) does."""
     total = 100
-    config: dict[str, Any] = {
-        "seed": 1,
-        "stages": 2,
-        "data": {"name": "lag_copy", "batch_size": 8},
-        "model": {"name": "lstm", "layers": 1, "hidden": 16, "bptt": 2},
-        "method": {"name": "backprop"},
-        "recurrent": {"alphabet": 4},
-        # Paced, so that the signal lands well before the end.
-        "clock": {"every": 4, "slow_hidden": 16, "interface": 8, "slow_delay_s": 0.05},
-        "train": {"steps": total, "log_every": 5, "progress": False},
-        "checkpoint": {"every": 1000},  # only the interrupt's cut and the final one
-        "runtime": {"backend": "ray", "timeout_s": 120, "stall_timeout_s": 60},
-    }
+    # Only the interrupt's cut and the final one.
+    config = _paced_lockstep(total, cut_every=1000)
     quick = ["clock.slow_delay_s=0"]
     reference = tmp_path / "reference"
     decoupled.train(config, [*quick, "runtime.backend=local"], out=reference)
@@ -166,19 +173,7 @@ def test_a_killed_core_actor_restarts_both_from_the_last_cut_and_ends_as_an_unin
     bit where an uninterrupted in-process run does. With no restart allowed (the slow actor
     killed), the run fails saying so, and its cut stays."""
     total = 80
-    config: dict[str, Any] = {
-        "seed": 1,
-        "stages": 2,
-        "data": {"name": "lag_copy", "batch_size": 8},
-        "model": {"name": "lstm", "layers": 1, "hidden": 16, "bptt": 2},
-        "method": {"name": "backprop"},
-        "recurrent": {"alphabet": 4},
-        # Paced, so that the kill lands well before the end.
-        "clock": {"every": 4, "slow_hidden": 16, "interface": 8, "slow_delay_s": 0.05},
-        "train": {"steps": total, "log_every": 5, "progress": False},
-        "checkpoint": {"every": 10},
-        "runtime": {"backend": "ray", "timeout_s": 120, "stall_timeout_s": 60},
-    }
+    config = _paced_lockstep(total, cut_every=10)
     reference = tmp_path / "reference"
     decoupled.train(config, ["clock.slow_delay_s=0", "runtime.backend=local"], out=reference)
 
@@ -209,13 +204,3 @@ def test_a_killed_core_actor_restarts_both_from_the_last_cut_and_ends_as_an_unin
     assert "slow core" in error and "no restart left (runtime.max_failures=0)" in error, error
     kept = latest_cut(spent / "checkpoints")
     assert kept is not None and 0 < kept.step < total and str(kept.path) in error
-
-
-def _equal(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, list | tuple):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
-    return bool(a == b)
