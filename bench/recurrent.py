@@ -21,6 +21,8 @@ deterministic for its seed, so the figures do not depend on the machine's load (
 
     PYTHONPATH=. .venv/bin/python bench/recurrent.py --json bench/results/recurrent.json
     PYTHONPATH=. .venv/bin/python bench/recurrent.py --parts charlm --data-root data
+    PYTHONPATH=. .venv/bin/python bench/recurrent.py --parts charlm --sg-scale 0.1 --seeds 0 1 2 \
+        --lm-chars 16000 --workers 1 --json bench/results/recurrent_charlm_scale0.1.json
     PYTHONPATH=. .venv/bin/python bench/recurrent.py --parts clock --seeds 0 \
         --json bench/results/recurrent_clock.json
 
@@ -163,7 +165,7 @@ def _config(
         "stages": 1,
         "data": {"name": task, "batch_size": args.batch},
         "model": {"name": "lstm", "layers": 1, "hidden": args.hidden, "bptt": bptt},
-        "method": {"name": method, "sg": {"layers": 0, "lr": args.sg_lr}},
+        "method": {"name": method, "sg": {"layers": 0, "lr": args.sg_lr, "scale": args.sg_scale}},
         "optim": {"name": "adam", "lr": args.lr},
         "train": {"steps": args.steps, "log_every": args.steps, "progress": False},
         "recurrent": {
@@ -206,18 +208,19 @@ def _jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
                             }
                         )
     if "charlm" in args.parts:
-        for bptt in args.lm_bptt:
-            for method in METHODS:
-                cfg = _config(args, "charlm", method, bptt, args.seeds[0])
-                jobs.append(
-                    {
-                        "task": "charlm",
-                        "method": method,
-                        "bptt": bptt,
-                        "seed": args.seeds[0],
-                        "config": cfg,
-                    }
-                )
+        for seed in args.seeds:
+            for bptt in args.lm_bptt:
+                for method in METHODS:
+                    cfg = _config(args, "charlm", method, bptt, seed)
+                    jobs.append(
+                        {
+                            "task": "charlm",
+                            "method": method,
+                            "bptt": bptt,
+                            "seed": seed,
+                            "config": cfg,
+                        }
+                    )
     return jobs
 
 
@@ -269,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=float, default=0.15)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--sg-lr", type=float, default=1e-3)
+    p.add_argument(
+        "--sg-scale",
+        type=float,
+        default=1.0,
+        help="method.sg.scale: the synthetic gradient's multiplier, the bootstrap's discount",
+    )
     p.add_argument("--aux-weight", type=float, default=0.0)
     p.add_argument("--lm-bptt", nargs="+", type=int, default=[2, 4, 8])
     p.add_argument("--lm-chars", type=int, default=24_000, help="training characters per stream")
