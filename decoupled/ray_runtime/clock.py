@@ -9,6 +9,10 @@ bound counts as waiting on the peer (submitting a call is the sender's own work)
 wide (a message is B x D floats) so that the peer's Ray threads answering late under load does
 not hold the sender back. The driver only starts, polls and stops them, and seals a cut once
 both actors have written their part of it (``clock_trainer.py`` says what a cut holds).
+
+The two actors are placed as one placement group of two bundles (packed on one node where one
+has room), as the feed-forward stages are; after a failure the nodes found gone are kept out of
+the next group (``placement.py``), so a restart never waits on a node that hung.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from typing import Any
 
 import ray
 import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from decoupled.checkpoint import Cut, commit_cut, latest_cut
 from decoupled.config import Config, config_to_dict, parse_config
@@ -26,6 +32,12 @@ from decoupled.interrupt import Interrupted, StopRequest
 from decoupled.metrics import RunLog
 from decoupled.ray_runtime.connect import init_ray
 from decoupled.ray_runtime.controller import JobState, StageFailed, after_failure, announce_restart
+from decoupled.ray_runtime.placement import (
+    bundle_selectors,
+    lost_nodes,
+    node_table,
+    raylet_reachable,
+)
 from decoupled.recurrent.clock_trainer import (
     NUM_CORES,
     CoreLoop,
@@ -86,8 +98,9 @@ class _CoreActor:
         torch.set_num_threads(max(1, int(self.cfg.runtime.cpus_per_stage)))
         self.outbox: _Outbox | None = None
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> str:
+        """The ID of the node this actor runs on."""
+        return str(ray.get_runtime_context().get_node_id())
 
     def start(self) -> None:
         self.loop.start()
@@ -205,6 +218,9 @@ class _ClockJob:
         self.last_cut: Cut | None = resume
         self.restarts = 0
         self.actors: dict[str, Any] = {}  # role -> actor, slow first
+        self.nodes: dict[str, str] = {}  # role -> the ID of the node its actor runs on
+        self.pg: Any = None
+        self._excluded: set[str] = set()  # nodes found gone: no core is placed there again
         self._saved: dict[int, set[int]] = {}  # step -> cores whose part of that cut is written
         self._interrupted_at: float | None = None
 
@@ -238,6 +254,7 @@ class _ClockJob:
             wall_s = log.wall_s()
         summary = clock_summary(cfg, finals[0], finals[1], wall_s, resumed_from=self.first)
         summary["restarts"] = self.restarts
+        summary["nodes"] = sorted(set(self.nodes.values()))  # the last launch's, as on stages
         log.finish(summary)
         return summary
 
@@ -246,13 +263,30 @@ class _ClockJob:
         cfg = self.cfg
         config = config_to_dict(cfg)
         where = str(self.checkpoints) if self.checkpoints is not None else None
-        options = {"num_cpus": cfg.runtime.cpus_per_stage, "num_gpus": 0, "max_concurrency": 8}
-        for role, actor in (("slow", SlowActor), ("fast", FastActor)):
+        cpus = cfg.runtime.cpus_per_stage
+        selectors = bundle_selectors(NUM_CORES, self._excluded)
+        self.pg = placement_group(
+            [{"CPU": cpus}] * NUM_CORES, strategy="PACK", bundle_label_selector=selectors
+        )
+        ready, _ = ray.wait([self.pg.ready()], timeout=cfg.runtime.timeout_s)
+        if not ready:
+            raise StageFailed(
+                f"the cluster cannot place two cores of {cpus:g} CPUs within "
+                f"{cfg.runtime.timeout_s:g}s (it has {ray.cluster_resources()})"
+            )
+        for i, (role, actor) in enumerate((("slow", SlowActor), ("fast", FastActor))):
+            strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)
+            options = {"num_cpus": cpus, "num_gpus": 0, "max_concurrency": 8}
             self.actors[role] = (
-                ray.remote(actor).options(**options).remote(config, where, self.last_cut)
+                ray.remote(actor)
+                .options(**options, scheduling_strategy=strategy)
+                .remote(config, where, self.last_cut)
             )
         slow, fast = self.actors["slow"], self.actors["fast"]
-        self._get({"slow": slow.ready.remote(), "fast": fast.ready.remote()}, cfg.runtime.timeout_s)
+        nodes = self._get(
+            {"slow": slow.ready.remote(), "fast": fast.ready.remote()}, cfg.runtime.timeout_s
+        )
+        self.nodes = dict(zip(("slow", "fast"), nodes, strict=True))
         self._get({"slow": slow.connect.remote(fast), "fast": fast.connect.remote(slow)})
         self._get({"fast": fast.start.remote(), "slow": slow.start.remote()})
 
@@ -311,6 +345,7 @@ class _ClockJob:
         step = self.last_cut.step if self.last_cut is not None else 0
         samples = step * self.cfg.clock.every * self.cfg.data.batch_size
         announce_restart(log, failure, self.restarts, self.cfg.runtime.max_failures, step, samples)
+        self._excluded |= lost_nodes(self.nodes.values(), node_table(ray.nodes()), raylet_reachable)
         self.kill()
         self._interrupted_at = None  # a signal seen before: ask the new slow core for its cut
 
@@ -328,6 +363,9 @@ class _ClockJob:
         for actor in self.actors.values():
             ray.kill(actor)
         self.actors = {}
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None
 
     def _get(self, calls: dict[str, Any], timeout: float = CALL_TIMEOUT_S) -> list[Any]:
         """The results of one call per core (by role), or ``StageFailed`` naming the core whose

@@ -5,15 +5,17 @@ one node outright as if its machine were lost."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from decoupled.ray_runtime.transport_torch import free_port
 
@@ -197,3 +199,73 @@ def local_cluster(
     finally:
         for process in reversed(started):
             stop(process)
+
+
+# A second driver of the cluster, in a process of its own (Ray reads the token once per
+# process): each placement group when first seen placed, as a JSON line with the time
+# (CLOCK_MONOTONIC, the same in every process) and the nodes of its bundles.
+WATCH = """
+import json, logging, sys, time
+import ray
+ray.init(address=sys.argv[1], logging_level=logging.WARNING)
+seen = set()
+with open(sys.argv[2], "a") as out:
+    while True:
+        for pg_id, pg in ray.util.placement_group_table().items():
+            if pg["state"] == "CREATED" and pg_id not in seen:
+                seen.add(pg_id)
+                nodes = sorted(set(pg["bundles_to_node_id"].values()))
+                print(json.dumps([pg_id, time.monotonic(), nodes]), file=out, flush=True)
+        time.sleep(0.05)
+"""
+
+
+class PlacementWatch:
+    """When each placement group of the cluster was placed, and on which nodes."""
+
+    def __init__(self, cluster: LocalCluster, log: Path) -> None:
+        self.log = log
+        log.touch()
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", WATCH, cluster.address, str(log)], env=cluster.env
+        )
+
+    def placed(self) -> dict[str, tuple[float, set[str]]]:
+        placed = {}
+        for line in self.log.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):  # a line being written
+                pg_id, at, nodes = json.loads(line)
+                placed[pg_id] = (at, set(nodes))
+        return placed
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+
+def run_records(out: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl so far."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    # The last line may be half written while the run goes on.
+    lines = path.read_text().splitlines()
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+def wait_until(
+    what: str, found: Callable[[], bool], process: subprocess.Popen[bytes], timeout: float
+) -> float:
+    """Poll ``found`` until true; the time it took. Fails on timeout or if the run exits."""
+    start = time.monotonic()
+    while not found():
+        assert process.poll() is None, f"the run exited ({process.returncode}) before {what}"
+        assert time.monotonic() - start < timeout, f"no {what} within {timeout:g}s"
+        time.sleep(0.1)
+    return time.monotonic() - start

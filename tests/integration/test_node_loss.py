@@ -20,12 +20,11 @@ stage is read from the processes of each node's session (a Ray worker titled
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,14 @@ import pytest
 
 from decoupled.checkpoint import complete_steps
 from tests.conftest import DIGITS_CONFIG
-from tests.integration.cluster import BIN, LocalCluster, local_cluster
+from tests.integration.cluster import (
+    BIN,
+    LocalCluster,
+    PlacementWatch,
+    local_cluster,
+    run_records,
+    wait_until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -47,25 +53,6 @@ PLACED_S = 3.0
 # The lost node must look better to Ray than the nodes left: it still shows free CPUs after
 # the loss (6 - 2 stages), and more than any live node.
 WORKER_CPUS = (6, 2)
-
-
-# A second driver of the cluster, in a process of its own (Ray reads the token once per
-# process): each placement group when first seen placed, as a JSON line with the time
-# (CLOCK_MONOTONIC, the same in every process) and the nodes of its bundles.
-WATCH = """
-import json, logging, sys, time
-import ray
-ray.init(address=sys.argv[1], logging_level=logging.WARNING)
-seen = set()
-with open(sys.argv[2], "a") as out:
-    while True:
-        for pg_id, pg in ray.util.placement_group_table().items():
-            if pg["state"] == "CREATED" and pg_id not in seen:
-                seen.add(pg_id)
-                nodes = sorted(set(pg["bundles_to_node_id"].values()))
-                print(json.dumps([pg_id, time.monotonic(), nodes]), file=out, flush=True)
-        time.sleep(0.05)
-"""
 
 
 # Placement with selectors from decoupled.ray_runtime.placement, in a driver of its own: the
@@ -99,61 +86,11 @@ def test_bundle_selectors_keep_a_bundle_off_the_excluded_nodes(three_nodes: Loca
         assert result.stdout.split() == [ids[allowed]]
 
 
-class PlacementWatch:
-    """When each placement group of the cluster was placed, and on which nodes."""
-
-    def __init__(self, cluster: LocalCluster, log: Path) -> None:
-        self.log = log
-        log.touch()
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", WATCH, cluster.address, str(log)], env=cluster.env
-        )
-
-    def placed(self) -> dict[str, tuple[float, set[str]]]:
-        placed = {}
-        for line in self.log.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError):  # a line being written
-                pg_id, at, nodes = json.loads(line)
-                placed[pg_id] = (at, set(nodes))
-        return placed
-
-    def close(self) -> None:
-        self.process.kill()
-        self.process.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def three_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     logs = tmp_path_factory.mktemp("ray-node-loss")
     with local_cluster(logs, workers=2, worker_cpus=WORKER_CPUS) as cluster:
         yield cluster
-
-
-def _records(out: Path) -> list[dict[str, Any]]:
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return []
-    # The last line may be half written while the run goes on.
-    lines = path.read_text().splitlines()
-    records = []
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return records
-
-
-def _wait(
-    what: str, found: Callable[[], bool], process: subprocess.Popen[bytes], timeout: float
-) -> float:
-    """Poll ``found`` until true; the time it took. Fails on timeout or if the run exits."""
-    start = time.monotonic()
-    while not found():
-        assert process.poll() is None, f"the run exited ({process.returncode}) before {what}"
-        assert time.monotonic() - start < timeout, f"no {what} within {timeout:g}s"
-        time.sleep(0.1)
-    return time.monotonic() - start
 
 
 @pytest.mark.timeout(300)
@@ -185,7 +122,7 @@ def test_losing_a_worker_node_moves_its_stages_and_the_run_finishes(
         )
     try:
         checkpoints = out / "checkpoints"
-        _wait("sealed cut", lambda: bool(complete_steps(checkpoints)), process, 120)
+        wait_until("sealed cut", lambda: bool(complete_steps(checkpoints)), process, 120)
         # Ray packs both one-CPU bundles on the node with the most room.
         hosting = [n for n in (0, 1, 2) if cluster.hosts(n, "ray::StageActor")]
         assert hosting == [1], f"the stages are on nodes {hosting}, not both on the large worker"
@@ -196,9 +133,9 @@ def test_losing_a_worker_node_moves_its_stages_and_the_run_finishes(
         frozen = time.monotonic()
 
         def restart() -> dict[str, Any] | None:
-            return next((r for r in _records(out) if r.get("event") == "restart"), None)
+            return next((r for r in run_records(out) if r.get("event") == "restart"), None)
 
-        noticed = _wait("restart", lambda: restart() is not None, process, 120)
+        noticed = wait_until("restart", lambda: restart() is not None, process, 120)
         event = restart()
         assert event is not None
         noticed_at = frozen + noticed
@@ -206,16 +143,16 @@ def test_losing_a_worker_node_moves_its_stages_and_the_run_finishes(
         def placed_again() -> list[tuple[float, set[str]]]:
             return sorted(p for p in watch.placed().values() if p[0] > frozen)
 
-        _wait("placement after the restart", lambda: bool(placed_again()), process, 120)
+        wait_until("placement after the restart", lambda: bool(placed_again()), process, 120)
         placed_at, placed_on = placed_again()[0]
         placed = placed_at - frozen
 
         def training_again() -> bool:
-            after = _records(out)
+            after = run_records(out)
             i = next(i for i, r in enumerate(after) if r.get("event") == "restart")
             return any(r.get("event") == "train" and r["step"] > event["step"] for r in after[i:])
 
-        resumed = noticed + _wait("training after the restart", training_again, process, 120)
+        resumed = noticed + wait_until("training after the restart", training_again, process, 120)
         process.wait(timeout=180)
     finally:
         watch.close()
