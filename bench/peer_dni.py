@@ -31,8 +31,9 @@ of a ``Linear(classes, hidden)`` that the project and the peer use),
 ``mean-loss`` (the synthesizer's squared error averaged over features as well as the batch, the
 project's earlier reduction, instead of summed over features as in the peer and the project now:
 for Adam the same as multiplying its eps by the width), ``label-bias`` (a second bias on the
-first layer at U(±1/sqrt(classes)), the bias of the peer's separate label layer). And for the
-peer,
+first layer at U(±1/sqrt(classes)), the bias of the peer's separate label layer), ``peer-init``
+(both: the peer's initial synthesizer to the parameter, its label layer's bias a parameter of
+its own). And for the peer,
 ``peer-pre-relu`` (its synthesizers before each hidden block's ReLU, where its example puts
 them, rather than after it).
 
@@ -63,6 +64,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -82,7 +84,15 @@ from decoupled.synthesizer import Synthesizer
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("backprop", "dni", "cdni")
-PROJECT_VARIANTS = ("base", "concat", "label-unit", "output-bias", "mean-loss", "label-bias")
+PROJECT_VARIANTS = (
+    "base",
+    "concat",
+    "label-unit",
+    "output-bias",
+    "mean-loss",
+    "label-bias",
+    "peer-init",
+)
 PEER_VARIANTS = ("base", "peer-pre-relu")
 NPM_TRAIN, NPM_TEST = 8000, 2000
 
@@ -196,6 +206,15 @@ class _ConcatSynthesizer(Synthesizer):
         return out.view_as(h)
 
 
+def _with_bias(
+    term: Callable[[torch.Tensor | None], torch.Tensor], bias: nn.Parameter
+) -> Callable[[torch.Tensor | None], torch.Tensor]:
+    def biased(labels: torch.Tensor | None) -> torch.Tensor:
+        return term(labels) + bias
+
+    return biased
+
+
 def apply_variant(trainer: LocalTrainer, variant: str, cfg: Config) -> None:
     """Change the project's synthesizers after they are built (same seeds, same model)."""
     for index, stage in enumerate(trainer.stages[:-1]):
@@ -224,6 +243,20 @@ def apply_variant(trainer: LocalTrainer, variant: str, cfg: Config) -> None:
             bound = 1.0 / math.sqrt(sg.num_classes)
             with torch.no_grad():
                 first.bias.add_(torch.empty_like(first.bias).uniform_(-bound, bound))
+        elif variant == "peer-init":
+            # The peer's initial synthesizer, to the parameter: its output layer's default bias
+            # and its label layer's bias as a parameter of its own (trained beside the first
+            # layer's bias, as the peer's two are), both at their layers' default init.
+            out = sg.output_layer
+            assert out.bias is not None and sg.num_classes is not None and sg.label is not None
+            width = sg.label.weight.shape[1]
+            torch.manual_seed(cfg.seed + 2000 + index)
+            bound = 1.0 / math.sqrt(out.weight.shape[1])
+            nn.init.uniform_(out.bias, -bound, bound)
+            label_bound = 1.0 / math.sqrt(sg.num_classes)
+            bias = nn.Parameter(torch.empty(width).uniform_(-label_bound, label_bound))
+            sg.register_parameter("label_bias", bias)
+            sg._label_term = _with_bias(sg._label_term, bias)  # type: ignore[method-assign,assignment]
         elif variant != "base":
             raise ValueError(f"unknown project variant {variant!r}")
         assert stage.synthesizer is not None
