@@ -32,8 +32,7 @@ of a ``Linear(classes, hidden)`` that the project and the peer use),
 project's earlier reduction, instead of summed over features as in the peer and the project now:
 for Adam the same as multiplying its eps by the width), ``label-bias`` (a second bias on the
 first layer at U(±1/sqrt(classes)), the bias of the peer's separate label layer), ``peer-init``
-(both: the peer's initial synthesizer to the parameter, its label layer's bias a parameter of
-its own). And for the peer,
+(both: the peer's initial synthesizer, ``method.sg.zero_start=false``). And for the peer,
 ``peer-pre-relu`` (its synthesizers before each hidden block's ReLU, where its example puts
 them, rather than after it).
 
@@ -64,7 +63,6 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -160,8 +158,8 @@ def load_data(name: str, npm_path: str | None, root: str = "data") -> Dataset:
 # -- the setting ---------------------------------------------------------------------------------
 
 
-def setting(method: str, seed: int, args: argparse.Namespace) -> Config:
-    """The project's config for the issue's 4-layer setting."""
+def setting(method: str, seed: int, args: argparse.Namespace, variant: str = "base") -> Config:
+    """The project's config for the issue's 4-layer setting (and for a variant that is one)."""
     overrides = [
         f"seed={seed}",
         f"method.name={method}",
@@ -182,6 +180,8 @@ def setting(method: str, seed: int, args: argparse.Namespace) -> Config:
         "train.progress=false",
         "runtime.backend=local",
     ]
+    if variant == "peer-init":
+        overrides.append("method.sg.zero_start=false")
     return load_config(ROOT / "configs" / "digits.yaml", overrides)
 
 
@@ -204,15 +204,6 @@ class _ConcatSynthesizer(Synthesizer):
         one_hot = F.one_hot(labels, self.num_classes).to(h.dtype)
         out: torch.Tensor = self.net(torch.cat([h.flatten(1), one_hot], dim=1))
         return out.view_as(h)
-
-
-def _with_bias(
-    term: Callable[[torch.Tensor | None], torch.Tensor], bias: nn.Parameter
-) -> Callable[[torch.Tensor | None], torch.Tensor]:
-    def biased(labels: torch.Tensor | None) -> torch.Tensor:
-        return term(labels) + bias
-
-    return biased
 
 
 def apply_variant(trainer: LocalTrainer, variant: str, cfg: Config) -> None:
@@ -244,19 +235,7 @@ def apply_variant(trainer: LocalTrainer, variant: str, cfg: Config) -> None:
             with torch.no_grad():
                 first.bias.add_(torch.empty_like(first.bias).uniform_(-bound, bound))
         elif variant == "peer-init":
-            # The peer's initial synthesizer, to the parameter: its output layer's default bias
-            # and its label layer's bias as a parameter of its own (trained beside the first
-            # layer's bias, as the peer's two are), both at their layers' default init.
-            out = sg.output_layer
-            assert out.bias is not None and sg.num_classes is not None and sg.label is not None
-            width = sg.label.weight.shape[1]
-            torch.manual_seed(cfg.seed + 2000 + index)
-            bound = 1.0 / math.sqrt(out.weight.shape[1])
-            nn.init.uniform_(out.bias, -bound, bound)
-            label_bound = 1.0 / math.sqrt(sg.num_classes)
-            bias = nn.Parameter(torch.empty(width).uniform_(-label_bound, label_bound))
-            sg.register_parameter("label_bias", bias)
-            sg._label_term = _with_bias(sg._label_term, bias)  # type: ignore[method-assign,assignment]
+            pass  # the config's method.sg.zero_start=false (setting()) builds it
         elif variant != "base":
             raise ValueError(f"unknown project variant {variant!r}")
         assert stage.synthesizer is not None
@@ -530,7 +509,7 @@ def main() -> int:
                         continue
                     errors = []
                     for seed in args.seeds:
-                        cfg = setting(method, seed, args)
+                        cfg = setting(method, seed, args, variant)
                         started = time.perf_counter()
                         if tool == "project":
                             error = run_project(cfg, dataset, variant)

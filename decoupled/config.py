@@ -119,6 +119,11 @@ class SGConfig:
     # Train the synthesizer on the target of every n-th step only: its training is most of a
     # stage's DNI overhead (three passes of M per target), the prediction is every step.
     train_every: int = field(default=1, metadata={"min": 1})
+    # true: the output layer starts at zero, weights and bias, so M predicts exactly 0 until it
+    # has been trained (Jaderberg et al. 2016). false: only its weights do; its bias, and a bias
+    # of the label projection (cDNI), keep PyTorch's default init, as koz4k/dni-pytorch's
+    # synthesizers: M starts from a small random constant (docs/accuracy.md, section 3).
+    zero_start: bool = True
     # Every this many steps one batch also gets its exact gradient at every stage boundary,
     # through the stages as evaluation goes, to compare each synthetic gradient with (0: never).
     probe_every: int = field(default=50, metadata={"min": 0})

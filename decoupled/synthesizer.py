@@ -16,6 +16,12 @@ columns the init of a layer of fan-in ``features + classes``, 5x smaller for 256
 first layer is the output layer (a linear synthesizer) the label term is a per-class offset of
 the gradient and starts at zero like the rest of that layer: with zero weights either way, the
 two designs are then the same model, and Adam's steps do not depend on the init's scale.
+
+``method.sg.zero_start=false`` keeps PyTorch's default init for the output layer's bias and
+gives the label projection a bias of its own at ``nn.Linear(classes, width)``'s default, as
+koz4k/dni-pytorch's synthesizers have (the output weights still start at zero): M then starts
+from a random constant of about 1/sqrt(width) per feature. On Fashion-MNIST that start was what
+separated the project's cDNI from the peer's (docs/accuracy.md, section 3).
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ class Synthesizer(nn.Module):
         # None: plain DNI; an int: cDNI, conditioned on labels of that many classes.
         self.num_classes = num_classes
         self.label: nn.Embedding | None = None
+        # With zero_start off (cDNI): the label projection's own bias, (width,).
+        self.label_bias: nn.Parameter | None = None
 
     @property
     def conditioned(self) -> bool:
@@ -53,25 +61,30 @@ class Synthesizer(nn.Module):
         assert isinstance(layer, nn.Linear | nn.Conv2d)
         return layer
 
-    def _init_label(self, hidden_layers: int) -> None:
-        """The label embedding (classes, width of the first layer's output), for cDNI."""
+    def _init_label(self, hidden_layers: int, zero_start: bool) -> None:
+        """The label embedding (classes, width of the first layer's output), for cDNI; with
+        ``zero_start`` off, its bias too."""
         if self.num_classes is None:
             return
         first = self.net[0]
         assert isinstance(first, nn.Linear | nn.Conv2d)
         width = first.weight.shape[0]
         self.label = nn.Embedding(self.num_classes, width)
+        bound = 1.0 / math.sqrt(self.num_classes)
         if hidden_layers == 0:
             nn.init.zeros_(self.label.weight)  # part of the output layer: "no update" at first
         else:
-            bound = 1.0 / math.sqrt(self.num_classes)
             nn.init.uniform_(self.label.weight, -bound, bound)
+        if not zero_start:
+            self.label_bias = nn.Parameter(torch.empty(width).uniform_(-bound, bound))
 
     def _label_term(self, labels: torch.Tensor | None) -> torch.Tensor:
         """(B, width), or (B, T, width): the embedding of each sample's (or token's) label."""
         if labels is None or self.label is None:
             raise ValueError("a label-conditioned synthesizer needs the labels")
         out: torch.Tensor = self.label(labels)
+        if self.label_bias is not None:
+            out = out + self.label_bias
         return out
 
     def _forward(self, z: torch.Tensor, labels: torch.Tensor | None, spatial: bool) -> torch.Tensor:
@@ -95,16 +108,18 @@ def _stack(
     out_width: int,
     hidden_layers: int,
     hidden: int,
+    zero_start: bool = True,
 ) -> nn.Sequential:
-    """``hidden_layers`` of ``layer`` + ReLU, ``hidden`` wide, then a zero-initialised output
-    ``layer`` of ``out_width``; ``layer(in, out)`` builds one layer."""
+    """``hidden_layers`` of ``layer`` + ReLU, ``hidden`` wide, then an output ``layer`` of
+    ``out_width`` with zero weights (and a zero bias when ``zero_start``); ``layer(in, out)``
+    builds one layer."""
     layers: list[nn.Module] = []
     for _ in range(hidden_layers):
         layers += [layer(width, hidden), nn.ReLU()]
         width = hidden
     out = layer(width, out_width)
     nn.init.zeros_(out.weight)
-    if out.bias is not None:
+    if out.bias is not None and zero_start:
         nn.init.zeros_(out.bias)
     return nn.Sequential(*layers, out)
 
@@ -123,12 +138,13 @@ class MLPSynthesizer(Synthesizer):
         hidden_layers: int,
         hidden: int,
         per_token: bool = False,
+        zero_start: bool = True,
     ) -> None:
         super().__init__(activation_shape, num_classes)
         self.per_token = per_token
         features = activation_shape[-1] if per_token else math.prod(activation_shape)
-        self.net = _stack(nn.Linear, features, features, hidden_layers, hidden)
-        self._init_label(hidden_layers)
+        self.net = _stack(nn.Linear, features, features, hidden_layers, hidden, zero_start)
+        self._init_label(hidden_layers, zero_start)
 
     def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.per_token:
@@ -150,11 +166,12 @@ class ConvSynthesizer(Synthesizer):
         num_classes: int | None,
         hidden_layers: int,
         hidden: int,
+        zero_start: bool = True,
     ) -> None:
         super().__init__(activation_shape, num_classes)
         channels = activation_shape[0]
-        self.net = _stack(_conv5x5, channels, channels, hidden_layers, hidden)
-        self._init_label(hidden_layers)
+        self.net = _stack(_conv5x5, channels, channels, hidden_layers, hidden, zero_start)
+        self._init_label(hidden_layers, zero_start)
 
     def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return self._forward(h, labels, spatial=True)
@@ -170,9 +187,13 @@ def build_synthesizer(
     num_classes: set for cDNI (label-conditioned), None for DNI.
     """
     if len(activation_shape) == 3:
-        return ConvSynthesizer(activation_shape, num_classes, cfg.layers, cfg.hidden)
+        return ConvSynthesizer(
+            activation_shape, num_classes, cfg.layers, cfg.hidden, zero_start=cfg.zero_start
+        )
     per_token = len(activation_shape) == 2
-    return MLPSynthesizer(activation_shape, num_classes, cfg.layers, cfg.hidden, per_token)
+    return MLPSynthesizer(
+        activation_shape, num_classes, cfg.layers, cfg.hidden, per_token, cfg.zero_start
+    )
 
 
 def fit_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -89,13 +89,16 @@ class LagCopy:
 
 class InterfaceSynthesizer(nn.Module):
     """M(o, x) ≈ B·∂L/∂o: ``layers`` hidden ReLU layers of ``hidden`` units on o (B, D) and the
-    chunk the slow core read, x (B, k·A), then a zero-initialised linear output (B, D).
+    chunk the slow core read, x (B, k·A), then a zero-initialised linear output (B, D) (its bias
+    at PyTorch's default when ``zero_start`` is off, ``method.sg.zero_start``).
 
     It sees x as cDNI sees the label: the true gradient depends on the symbols the fast core
     must write, which are that chunk's, and the slow core has it at hand. A linear M on o alone
     did not learn it (cosine to its targets about 0 after 1500 ticks, the fast core at chance)."""
 
-    def __init__(self, interface: int, context: int, layers: int, hidden: int) -> None:
+    def __init__(
+        self, interface: int, context: int, layers: int, hidden: int, zero_start: bool = True
+    ) -> None:
         super().__init__()
         width, parts = interface + context, list[nn.Module]()
         for _ in range(layers):
@@ -103,7 +106,8 @@ class InterfaceSynthesizer(nn.Module):
             width = hidden
         out = nn.Linear(width, interface)
         nn.init.zeros_(out.weight)
-        nn.init.zeros_(out.bias)
+        if zero_start:
+            nn.init.zeros_(out.bias)
         self.net = nn.Sequential(*parts, out)
 
     def forward(self, o: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -367,7 +371,9 @@ def build_clock(
     synthesizer = sg_optimizer = None
     if cfg.method.name == "dni":
         sg = cfg.method.sg
-        synthesizer = InterfaceSynthesizer(ck.interface, task.slow_inputs, sg.layers, sg.hidden)
+        synthesizer = InterfaceSynthesizer(
+            ck.interface, task.slow_inputs, sg.layers, sg.hidden, sg.zero_start
+        )
         synthesizer = synthesizer.to(dtype)
         sg_optimizer = torch.optim.Adam(synthesizer.parameters(), lr=sg.lr)
     slow = SlowLearner(

@@ -44,7 +44,9 @@ def build_learner(cfg: Config, inputs: int, outputs: int) -> TBPTTLearner:
     synthesizer = sg_optimizer = aux_head = None
     if cfg.method.name == "dni":
         sg = cfg.method.sg
-        synthesizer = MLPSynthesizer((core.state_size,), None, sg.layers, sg.hidden)
+        synthesizer = MLPSynthesizer(
+            (core.state_size,), None, sg.layers, sg.hidden, zero_start=sg.zero_start
+        )
         sg_optimizer = torch.optim.Adam(synthesizer.parameters(), lr=sg.lr)
         if cfg.recurrent.aux_weight > 0:
             aux_head = nn.Linear(cfg.model.hidden, core.state_size)

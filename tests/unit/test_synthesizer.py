@@ -28,6 +28,32 @@ def test_zero_initialised_output_and_shapes() -> None:
             assert torch.count_nonzero(out) == 0
 
 
+def test_without_zero_start_the_output_bias_and_a_label_bias_keep_their_default_init() -> None:
+    """``method.sg.zero_start=false``, the peer's init: the output weights still start at zero,
+    so the first prediction is a constant per label: the output bias (at nn.Linear's default,
+    U(±1/sqrt(fan_in))) plus the label projection's bias, pushed through the hidden layers."""
+    torch.manual_seed(0)
+    for shape, classes in (((32,), None), ((32,), 10), ((8, 6, 6), 10)):
+        sg = build_synthesizer(shape, SGConfig(layers=1, hidden=16, zero_start=False), classes)
+        out_layer = sg.output_layer
+        assert out_layer.bias is not None and torch.count_nonzero(out_layer.weight) == 0
+        fan_in = out_layer.weight[0].numel()
+        assert 0 < out_layer.bias.abs().max() <= 1 / fan_in**0.5
+        x = torch.randn(6, *shape)
+        out = sg(x, torch.zeros(6, dtype=torch.long))
+        # the same for every sample: the output weights are zero
+        assert torch.equal(out, out_layer.bias.view(1, -1, *[1] * (len(shape) - 1)).expand_as(out))
+        if classes is None:
+            assert sg.label_bias is None
+        else:
+            assert sg.label_bias is not None and sg.label_bias.requires_grad
+            assert 0 < sg.label_bias.abs().max() <= 1 / classes**0.5
+            assert any(p is sg.label_bias for p in sg.parameters())  # trained with the rest
+    zero = build_synthesizer((32,), SGConfig(layers=1, hidden=16), 10)
+    assert zero.label_bias is None and zero.output_layer.bias is not None
+    assert torch.count_nonzero(zero.output_layer.bias) == 0
+
+
 def _fit_quadratic(conditioned: bool, steps: int = 1500) -> float:
     """Fit an SG through its stage's backward event to the true gradient of
     L(h) = 1/2 ||A h - c_y||^2 (per sample), i.e. g = A^T (A h - c_y), which is linear in h
