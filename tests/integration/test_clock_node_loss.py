@@ -34,7 +34,7 @@ from tests.integration.cluster import (
 pytestmark = pytest.mark.integration
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "copy_twotimescale.yaml"
-TICKS = 1200
+TICKS = 600
 EVERY = 50
 STALL_S = 10
 NOTICE_S = STALL_S + 15.0
