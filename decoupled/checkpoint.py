@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from decoupled.config import ConfigError, config_to_dict, parse_config
+
 FORMAT = "decoupled-checkpoint/1"
 MANIFEST = "manifest.json"
 _CUT = re.compile(r"^step-(\d{8})$")
@@ -215,12 +217,22 @@ def _lookup(config: dict[str, Any], dotted: str) -> Any:
     return value
 
 
+def _as_read_now(config: dict[str, Any]) -> dict[str, Any]:
+    """A cut's saved config as this version reads it: a key added since the cut was written
+    takes its default (the behaviour the cut was trained with), so it is no difference."""
+    try:
+        return config_to_dict(parse_config(config))
+    except ConfigError:  # a key since removed or renamed: compare what was saved
+        return config
+
+
 def check_compatible(cut: Cut, config: dict[str, Any], num_stages: int) -> None:
     """Refuse to resume a run whose model, method, data or optimizer differ from the cut's."""
+    saved = _as_read_now(cut.config)
     problems = [
-        f"{key}: checkpoint has {_lookup(cut.config, key)!r}, this run {_lookup(config, key)!r}"
+        f"{key}: checkpoint has {_lookup(saved, key)!r}, this run {_lookup(config, key)!r}"
         for key in IDENTITY_KEYS
-        if _lookup(cut.config, key) != _lookup(config, key)
+        if _lookup(saved, key) != _lookup(config, key)
     ]
     if cut.num_stages != num_stages:
         problems.append(f"the checkpoint has {cut.num_stages} stages, this run {num_stages}")

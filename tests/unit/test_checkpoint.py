@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import torch
 
 from decoupled.checkpoint import (
     CheckpointError,
+    Cut,
     check_compatible,
     commit_cut,
     complete_steps,
@@ -80,6 +82,21 @@ def test_incompatible_configuration_is_named(tmp_path: Path) -> None:
     other = config_to_dict(small_config(["method.name=dni", "stages=2", "model.hidden=48"]))
     cut = type(cut)(cut.path, cut.step, cut.num_stages, config_to_dict(cfg))
     with pytest.raises(CheckpointError, match=r"model: checkpoint has .*'hidden': 32"):
+        check_compatible(cut, other, 2)
+
+
+def test_a_key_added_since_the_cut_takes_its_default() -> None:
+    """A cut written before a config key existed (here ``method.sg.zero_start``) resumes under
+    the key's default, which is how it was trained; under another value it is refused."""
+    now = config_to_dict(small_config(["method.name=cdni", "stages=2"]))
+    before = copy.deepcopy(now)
+    del before["method"]["sg"]["zero_start"]
+    cut = Cut(Path("step-00000010"), 10, 2, before)
+    check_compatible(cut, now, 2)
+    other = config_to_dict(
+        small_config(["method.name=cdni", "stages=2", "method.sg.zero_start=false"])
+    )
+    with pytest.raises(CheckpointError, match=r"method.sg: checkpoint has .*'zero_start': True"):
         check_compatible(cut, other, 2)
 
 
