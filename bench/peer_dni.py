@@ -404,10 +404,10 @@ def trace(dni: ModuleType, cfg: Config, dataset: Dataset, every: int) -> dict[st
         loss = F.cross_entropy(net(x, y), y)
         torch.autograd.backward(loss)
         optimizer.step()
-        gap = abs(float(loss.detach()) - ours_loss)
-        worst = max(worst, gap)
+        theirs_loss = float(loss.detach())
+        worst = max(worst, abs(theirs_loss - ours_loss))
         if step % every == 0 or step == steps - 1:
-            records.append({"step": step, "project": ours_loss, "peer": float(loss.detach())})
+            records.append({"step": step, "project": ours_loss, "peer": theirs_loss})
     project_error = 1.0 - evaluate(trainer.stages, trainer.test_batches())["test_accuracy"]
     peer_error = peer_test_error(net, dataset, cfg.data.eval_batch_size)
     return {
@@ -523,18 +523,16 @@ def main() -> int:
                         )
                     row = {"data": data_name, "tool": tool, "method": method, "variant": variant}
                     results["rows"].append({**row, **summarise(errors)})
-    if args.trace:
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=1))
-        return 0
-    print()
-    print("| data | tool | method | variant | seeds | mean % | min % | max % |")
-    print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: |")
-    for r in results["rows"]:
-        print(
-            f"| {r['data']} | {r['tool']} | {r['method']} | {r['variant']} | {len(r['errors'])} "
-            f"| {100 * r['mean']:.2f} | {100 * r['min']:.2f} | {100 * r['max']:.2f} |"
-        )
+    if not args.trace:  # the trace printed its rows as they came
+        print()
+        print("| data | tool | method | variant | seeds | mean % | min % | max % |")
+        print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: |")
+        for r in results["rows"]:
+            print(
+                f"| {r['data']} | {r['tool']} | {r['method']} | {r['variant']} "
+                f"| {len(r['errors'])} | {100 * r['mean']:.2f} | {100 * r['min']:.2f} "
+                f"| {100 * r['max']:.2f} |"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

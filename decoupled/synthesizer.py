@@ -20,8 +20,9 @@ two designs are then the same model, and Adam's steps do not depend on the init'
 ``method.sg.zero_start=false`` keeps PyTorch's default init for the output layer's bias and
 gives the label projection a bias of its own at ``nn.Linear(classes, width)``'s default, as
 koz4k/dni-pytorch's synthesizers have (the output weights still start at zero): M then starts
-from a random constant of about 1/sqrt(width) per feature. On Fashion-MNIST that start was what
-separated the project's cDNI from the peer's (docs/accuracy.md, section 3).
+from a random constant, each feature within ±1/sqrt(the output layer's fan-in). On
+Fashion-MNIST that start was what separated the project's cDNI from the peer's
+(docs/accuracy.md, section 3).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from decoupled.checkpoint import complete_steps
 from decoupled.ray_runtime.transport_torch import free_port
 
 BIN = Path(sys.executable).parent
@@ -269,3 +270,85 @@ def wait_until(
         assert time.monotonic() - start < timeout, f"no {what} within {timeout:g}s"
         time.sleep(0.1)
     return time.monotonic() - start
+
+
+@dataclass
+class NodeLoss:
+    """What ``hang_the_large_worker`` saw: the run, the cut before the loss, and when the
+    restart was reported and placed again (CLOCK_MONOTONIC)."""
+
+    process: subprocess.Popen[bytes]
+    out: Path  # the run folder
+    log: Path  # its stdout and stderr
+    lost_id: str
+    alive: set[str]  # the nodes left
+    sealed: int  # the last sealed cut when the node hung
+    frozen: float
+    noticed: float  # seconds from the freeze to the restart record
+    event: dict[str, Any]  # that record
+    placed_at: float  # when the first placement group after the freeze was placed...
+    placed_on: set[str]  # ...and on which nodes
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def hang_the_large_worker(
+    cluster: LocalCluster, tmp_path: Path, train: list[str], titles: Sequence[str]
+) -> Iterator[NodeLoss]:
+    """Run ``decoupled train *train`` on ``cluster`` (head, workers of 6 and 2 CPUs); once a cut
+    is sealed, check that the actors titled ``titles`` are all on the large worker (node 1),
+    hang it (SIGSTOP), and wait for the restart record and the next placement group. Yields
+    there, the run going on; afterwards the hung node is killed and a run still going too."""
+    out, log_path = tmp_path / "run", tmp_path / "train.log"
+    watch = PlacementWatch(cluster, tmp_path / "placements.jsonl")
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [str(BIN / "decoupled"), "train", *train, "--out", str(out)],
+            env=cluster.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        checkpoints = out / "checkpoints"
+        wait_until("sealed cut", lambda: bool(complete_steps(checkpoints)), process, 120)
+        # Ray packs the one-CPU bundles on the node with the most room.
+        hosting = [n for n in (0, 1, 2) if any(cluster.hosts(n, t) for t in titles)]
+        assert hosting == [1], f"the actors are on nodes {hosting}, not all on the large worker"
+        lost_id, alive = cluster.node_id(1), {cluster.node_id(0), cluster.node_id(2)}
+        sealed = complete_steps(checkpoints)[-1]
+        cluster.freeze_node(1)
+        frozen = time.monotonic()
+
+        def restart() -> dict[str, Any] | None:
+            return next((r for r in run_records(out) if r.get("event") == "restart"), None)
+
+        noticed = wait_until("restart", lambda: restart() is not None, process, 120)
+        event = restart()
+        assert event is not None
+
+        def placed_again() -> list[tuple[float, set[str]]]:
+            return sorted(p for p in watch.placed().values() if p[0] > frozen)
+
+        wait_until("placement after the restart", lambda: bool(placed_again()), process, 120)
+        placed_at, placed_on = placed_again()[0]
+        yield NodeLoss(
+            process,
+            out,
+            log_path,
+            lost_id,
+            alive,
+            sealed,
+            frozen,
+            noticed,
+            event,
+            placed_at,
+            placed_on,
+        )
+    finally:
+        watch.close()
+        cluster.kill_node(1)  # the hung node, for good (the fixture's stop would wait for it)
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)

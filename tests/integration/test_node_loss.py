@@ -26,16 +26,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from decoupled.checkpoint import complete_steps
 from tests.conftest import DIGITS_CONFIG
 from tests.integration.cluster import (
-    BIN,
     LocalCluster,
-    PlacementWatch,
+    hang_the_large_worker,
     local_cluster,
     run_records,
     wait_until,
@@ -97,85 +94,45 @@ def three_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClust
 def test_losing_a_worker_node_moves_its_stages_and_the_run_finishes(
     three_nodes: LocalCluster, tmp_path: Path
 ) -> None:
-    cluster, out = three_nodes, tmp_path / "run"
-    watch = PlacementWatch(cluster, tmp_path / "placements.jsonl")
     started = time.monotonic()
-    with open(tmp_path / "train.log", "wb") as log:
-        process = subprocess.Popen(
-            [
-                str(BIN / "decoupled"),
-                "train",
-                str(DIGITS_CONFIG),
-                "stages=2",
-                f"train.steps={STEPS}",
-                f"checkpoint.every={EVERY}",
-                f"runtime.address={cluster.address}",
-                "runtime.timeout_s=60",
-                f"runtime.stall_timeout_s={STALL_S}",
-                "train.progress=false",
-                "--out",
-                str(out),
-            ],
-            env=cluster.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        checkpoints = out / "checkpoints"
-        wait_until("sealed cut", lambda: bool(complete_steps(checkpoints)), process, 120)
-        # Ray packs both one-CPU bundles on the node with the most room.
-        hosting = [n for n in (0, 1, 2) if cluster.hosts(n, "ray::StageActor")]
-        assert hosting == [1], f"the stages are on nodes {hosting}, not both on the large worker"
-        lost, kept = 1, 2
-        lost_id, alive = cluster.node_id(lost), {cluster.node_id(0), cluster.node_id(kept)}
-        sealed = complete_steps(checkpoints)[-1]
-        cluster.freeze_node(lost)
-        frozen = time.monotonic()
-
-        def restart() -> dict[str, Any] | None:
-            return next((r for r in run_records(out) if r.get("event") == "restart"), None)
-
-        noticed = wait_until("restart", lambda: restart() is not None, process, 120)
-        event = restart()
-        assert event is not None
-        noticed_at = frozen + noticed
-
-        def placed_again() -> list[tuple[float, set[str]]]:
-            return sorted(p for p in watch.placed().values() if p[0] > frozen)
-
-        wait_until("placement after the restart", lambda: bool(placed_again()), process, 120)
-        placed_at, placed_on = placed_again()[0]
-        placed = placed_at - frozen
+    train = [
+        str(DIGITS_CONFIG),
+        "stages=2",
+        f"train.steps={STEPS}",
+        f"checkpoint.every={EVERY}",
+        f"runtime.address={three_nodes.address}",
+        "runtime.timeout_s=60",
+        f"runtime.stall_timeout_s={STALL_S}",
+        "train.progress=false",
+    ]
+    with hang_the_large_worker(three_nodes, tmp_path, train, ["ray::StageActor"]) as loss:
+        event, out = loss.event, loss.out
 
         def training_again() -> bool:
             after = run_records(out)
             i = next(i for i, r in enumerate(after) if r.get("event") == "restart")
             return any(r.get("event") == "train" and r["step"] > event["step"] for r in after[i:])
 
-        resumed = noticed + wait_until("training after the restart", training_again, process, 120)
-        process.wait(timeout=180)
-    finally:
-        watch.close()
-        cluster.kill_node(1)  # the hung node, for good (the fixture's stop would wait for it)
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
-    output = (tmp_path / "train.log").read_text(errors="replace")
+        resumed = loss.noticed + wait_until(
+            "training after the restart", training_again, loss.process, 120
+        )
+        loss.process.wait(timeout=180)
+    output = loss.output()
     print(
-        f"node hung after the cut at step {sealed}: restart {noticed:.1f}s after the freeze, "
-        f"placed again after {placed:.1f}s, "
+        f"node hung after the cut at step {loss.sealed}: restart {loss.noticed:.1f}s after the "
+        f"freeze, placed again after {loss.placed_at - loss.frozen:.1f}s, "
         f"training again after {resumed:.1f}s; the run took {time.monotonic() - started:.1f}s, "
-        f"{time.monotonic() - frozen:.1f}s of it after the freeze"
+        f"{time.monotonic() - loss.frozen:.1f}s of it after the freeze"
     )
-    assert process.returncode == 0, output[-4000:]
-    assert noticed < NOTICE_S, output[-4000:]
+    assert loss.process.returncode == 0, output[-4000:]
+    assert loss.noticed < NOTICE_S, output[-4000:]
     # Placed again long before the GCS could mark the lost node dead, and not on it.
-    assert placed_at - noticed_at < PLACED_S, output[-4000:]
-    assert lost_id not in placed_on and placed_on <= alive
+    assert loss.placed_at - (loss.frozen + loss.noticed) < PLACED_S, output[-4000:]
+    assert loss.lost_id not in loss.placed_on and loss.placed_on <= loss.alive
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == STEPS
     assert summary["restarts"] >= 1
-    assert event["step"] >= sealed >= EVERY  # from the last sealed cut, not from the start
-    assert set(summary["nodes"]) <= alive and lost_id not in summary["nodes"]
-    assert {stage["node_id"] for stage in summary["stages"]} <= alive
+    assert event["step"] >= loss.sealed >= EVERY  # from the last sealed cut, not from the start
+    assert set(summary["nodes"]) <= loss.alive and loss.lost_id not in summary["nodes"]
+    assert {stage["node_id"] for stage in summary["stages"]} <= loss.alive
     assert summary["test_accuracy"] > 0.8
