@@ -36,11 +36,13 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """The torch optimizer of stage ``index``."""
     lr, decay = stage_settings(cfg, index)
+    # None, not False: torch's own default (its for-each path where it has one).
+    fused = True if cfg.fused else None
     if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=decay, fused=fused)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=decay)
-    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=decay, fused=fused)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=decay, fused=fused)
 
 
 def lr_factor(update: int, cfg: OptimConfig, total: int) -> float:

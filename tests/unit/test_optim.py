@@ -80,6 +80,29 @@ def test_adamw_decays_the_weights_as_torch_does() -> None:
     assert not torch.allclose(ours.detach(), l2.detach())
 
 
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_the_fused_update_is_the_default_one_up_to_rounding(name: str) -> None:
+    """``optim.fused``: torch's fused kernel, the same update as the default path (to float
+    rounding) with the schedule and clipping around it, over several steps."""
+    torch.manual_seed(0)
+    start, grads = torch.randn(64, 32), [torch.randn(64, 32) for _ in range(6)]
+    params, opts = [], []
+    for fused in ("false", "true"):
+        cfg = _optim(
+            f"name={name}", "lr=0.05", "weight_decay=0.1", "clip_norm=1.0", f"fused={fused}"
+        )
+        p = nn.Parameter(start.clone())
+        opts.append(StageOptimizer(build_optimizer([p], cfg), cfg))
+        params.append(p)
+    assert opts[1].optimizer.defaults["fused"] and not opts[0].optimizer.defaults["fused"]
+    for g in grads:
+        for p, opt in zip(params, opts, strict=True):
+            p.grad = g.clone()
+            opt.update()
+    assert not torch.equal(params[0].detach(), start)  # it moved
+    torch.testing.assert_close(params[1].detach(), params[0].detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_clipping_bounds_the_gradient_norm() -> None:
     p = nn.Parameter(torch.zeros(4))
     opt = StageOptimizer(torch.optim.SGD([p], lr=1.0), _optim("clip_norm=0.5", "lr=1.0"))
