@@ -45,6 +45,13 @@ def build_optimizer(
     return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=decay, fused=fused)
 
 
+def build_synthesizer_optimizer(
+    params: Iterable[nn.Parameter], lr: float, cfg: OptimConfig
+) -> torch.optim.Adam:
+    """A synthesizer's Adam (``method.sg.lr``), on the stages' kernel choice (``optim.fused``)."""
+    return torch.optim.Adam(params, lr=lr, fused=True if cfg.fused else None)
+
+
 def lr_factor(update: int, cfg: OptimConfig, total: int) -> float:
     """The learning rate of update ``update`` (0-based) as a fraction of the base rate: a linear
     warm-up over ``optim.warmup_steps`` (from 1/warmup up to 1), then constant or a cosine decay

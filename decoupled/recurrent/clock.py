@@ -44,7 +44,7 @@ from torch import nn
 
 from decoupled.config import Config
 from decoupled.history import ActivationHistory
-from decoupled.optim import build_optimizer
+from decoupled.optim import build_optimizer, build_synthesizer_optimizer
 from decoupled.recurrent.model import LSTMCore, State
 from decoupled.recurrent.tasks import LN2
 from decoupled.recurrent.tbptt import sequence_loss
@@ -375,7 +375,7 @@ def build_clock(
             ck.interface, task.slow_inputs, sg.layers, sg.hidden, sg.zero_start
         )
         synthesizer = synthesizer.to(dtype)
-        sg_optimizer = torch.optim.Adam(synthesizer.parameters(), lr=sg.lr)
+        sg_optimizer = build_synthesizer_optimizer(synthesizer.parameters(), sg.lr, cfg.optim)
     slow = SlowLearner(
         slow_core,
         build_optimizer(list(slow_core.parameters()), cfg.optim),

@@ -23,7 +23,7 @@ from decoupled.checkpoint import Cut, commit_cut, load_stage, save_stage
 from decoupled.config import Config, config_to_dict
 from decoupled.interrupt import Interrupted, StopRequest
 from decoupled.metrics import RunLog, build_summary, steady_samples_per_s, summary_stage_figures
-from decoupled.optim import build_optimizer
+from decoupled.optim import build_optimizer, build_synthesizer_optimizer
 from decoupled.recurrent import text
 from decoupled.recurrent.model import LSTMCore
 from decoupled.recurrent.tasks import LN2, CopyTask, Curriculum
@@ -47,7 +47,7 @@ def build_learner(cfg: Config, inputs: int, outputs: int) -> TBPTTLearner:
         synthesizer = MLPSynthesizer(
             (core.state_size,), None, sg.layers, sg.hidden, zero_start=sg.zero_start
         )
-        sg_optimizer = torch.optim.Adam(synthesizer.parameters(), lr=sg.lr)
+        sg_optimizer = build_synthesizer_optimizer(synthesizer.parameters(), sg.lr, cfg.optim)
         if cfg.recurrent.aux_weight > 0:
             aux_head = nn.Linear(cfg.model.hidden, core.state_size)
             params += list(aux_head.parameters())
