@@ -12,9 +12,7 @@ Variants (``--variants``; each a list of config overrides on top of the config's
 ``default`` (one hidden layer of 256, lr 1e-4), ``linear`` (no hidden layer, as in much of the
 paper), ``hidden1024``, ``lr1e-5``/``lr3e-4``/``lr1e-3`` (the synthesizer's Adam rate),
 ``scale0.1`` (the synthetic gradient scaled down, Czarnecki et al. 2017), ``every2``/``every4``
-(the synthesizer trained on every n-th target only, which cuts its cost on the critical path),
-``recompute`` (its fit recomputes the prediction at the current weights, three passes of M per
-target, instead of backpropagating the kept pass that made it).
+(the synthesizer trained on every n-th target only, which cuts its cost on the critical path).
 The split is the even one (``model.boundaries=even``, [3] of 6 blocks) so that runs are
 deterministic; ``auto`` chose [3] or [4] in the time-to-accuracy runs.
 
@@ -53,7 +51,6 @@ VARIANTS: dict[str, list[str]] = {
     "scale0.1": ["method.sg.scale=0.1"],
     "every2": ["method.sg.train_every=2"],
     "every4": ["method.sg.train_every=4"],
-    "recompute": ["method.sg.recompute=true"],
 }
 Key = tuple[str, str, int]  # method, variant, seed
 

@@ -117,13 +117,8 @@ class SGConfig:
     # Activations kept per stage waiting for their target; older ones are dropped and counted.
     history: int = field(default=64, metadata={"min": 1})
     # Train the synthesizer on the target of every n-th step only: its training is most of a
-    # stage's DNI overhead (two or three passes of M per target), the prediction is every step.
+    # stage's DNI overhead (three passes of M per target), the prediction is every step.
     train_every: int = field(default=1, metadata={"min": 1})
-    # false: M's training step backpropagates the forward pass that made the step's prediction,
-    # kept with a copy of M's weights, so its gradient is as old as the target (1-3 steps at
-    # K=2) and M costs two passes per target, not three. true: recompute the prediction with
-    # M's current weights when the target arrives (the current M's exact gradient; keeps only h).
-    recompute: bool = False
     # true: the output layer starts at zero, weights and bias, so M predicts exactly 0 until it
     # has been trained (Jaderberg et al. 2016). false: only its weights do; its bias, and a bias
     # of the label projection (cDNI), keep PyTorch's default init, as koz4k/dni-pytorch's

@@ -17,11 +17,6 @@ import torch
 class Entry(NamedTuple):
     activations: torch.Tensor  # (B, ...) h_i, detached
     labels: torch.Tensor  # (B,) int64
-    # The synthesizer's forward pass that made this step's prediction, kept to be
-    # backpropagated when the target comes (method.sg.recompute=false): the prediction (B, ...)
-    # with its graph, and the copies of the synthesizer's parameters it was computed from.
-    prediction: torch.Tensor | None = None
-    weights: tuple[torch.Tensor, ...] = ()
 
 
 class ActivationHistory:
@@ -31,15 +26,8 @@ class ActivationHistory:
         self.capacity = capacity
         self._entries: OrderedDict[int, Entry] = OrderedDict()
 
-    def put(
-        self,
-        seq: int,
-        activations: torch.Tensor,
-        labels: torch.Tensor,
-        prediction: torch.Tensor | None = None,
-        weights: tuple[torch.Tensor, ...] = (),
-    ) -> None:
-        self._entries[seq] = Entry(activations, labels, prediction, weights)
+    def put(self, seq: int, activations: torch.Tensor, labels: torch.Tensor) -> None:
+        self._entries[seq] = Entry(activations, labels)
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
 

@@ -5,11 +5,8 @@ Stage i < K-1 holds the synthesizer M_{i+1} and a bounded history of its outputs
             and from the same backward pass the target g_{i-1} = (∂h_i/∂x)ᵀ M_{i+1}(h_i [, y])
             for the previous stage (bootstrapped). It is sent *unscaled*: ``scale`` multiplies
             each stage's own update exactly once instead of compounding down the stages.
-  backward: g_i came back (possibly late) for step ``seq``: fit M_{i+1}(h_i [, y]) to it and
-            record the fit and the target's staleness. The fit backpropagates the pass that
-            made step ``seq``'s prediction, kept with the weights it used (two passes of M per
-            step in all, not three; its gradient is as stale as the target), or with
-            ``method.sg.recompute`` recomputes it from the h_i kept for that step.
+  backward: g_i came back (possibly late) for step ``seq``: fit M_{i+1}(h_i [, y]) to it, with the
+            h_i kept for that step, and record the fit and the target's staleness.
 The last stage trains on the true loss (``LossStage``), so g_{K-2} is the true gradient. cDNI
 conditions the synthesizers on the one-hot label (Jaderberg et al. 2016, section 3).
 """
@@ -43,7 +40,6 @@ class SynthesizerStage(MethodStage):
         scale: float = 1.0,
         history: int = 64,
         train_every: int = 1,
-        recompute: bool = False,
     ) -> None:
         super().__init__(stage)
         self.synthesizer = synthesizer.to(stage.device)
@@ -53,7 +49,6 @@ class SynthesizerStage(MethodStage):
         self.scale = scale
         self.history = ActivationHistory(history)
         self.train_every = train_every
-        self.recompute = recompute
         self._last_seq = -1
 
     def forward(self, seq: int, x: torch.Tensor, labels: torch.Tensor) -> Sends:
@@ -63,20 +58,13 @@ class SynthesizerStage(MethodStage):
         labels = labels.to(stage.device, non_blocking=True)
         x, h = stage.forward(x)
         check_finite(h.detach(), "activation", stage.index, seq)
-        fitted = seq % self.train_every == 0  # only the steps whose target trains M are kept
-        kept: torch.Tensor | None = None
-        weights: tuple[torch.Tensor, ...] = ()
-        if fitted and not self.recompute:
-            kept, weights = self._prediction_pass(h.detach(), labels)
-            prediction = kept.detach()
-        else:
-            with torch.no_grad(), stage.autocast():
-                prediction = self.synthesizer(h.detach(), labels).float()
+        with torch.no_grad(), stage.autocast():
+            prediction = self.synthesizer(h.detach(), labels).float()
         check_finite(prediction, "synthetic gradient", stage.index, seq)
         stage.backward(h, self.scale * prediction if self.scale != 1.0 else prediction)
         stage.update()
-        if fitted:
-            self.history.put(seq, h.detach(), labels, kept, weights)
+        if seq % self.train_every == 0:  # only the steps whose target trains M are kept
+            self.history.put(seq, h.detach(), labels)
         target = stage.input_gradient(x)
         if target is not None and self.scale != 1.0:
             target = target / self.scale
@@ -99,26 +87,15 @@ class SynthesizerStage(MethodStage):
             # lowers its scale); a target that is not a number is dropped, not fitted.
             stats.targets_expired += 1
             return Sends()
-        if entry.prediction is not None:
-            prediction = entry.prediction
-        else:
-            with self.stage.autocast():
-                prediction = self.synthesizer(entry.activations, entry.labels).float()
+        with self.stage.autocast():
+            prediction = self.synthesizer(entry.activations, entry.labels).float()
         loss = fit_loss(prediction, target)
         sg_loss = float(loss.detach())
         if not math.isfinite(sg_loss):
             # An inf/NaN target (an overflowed true gradient, say) would poison M in one step.
             raise NonFiniteError(f"stage {self.index}: non-finite SG loss at step {seq}")
         self.sg_optimizer.zero_grad(set_to_none=True)
-        if entry.prediction is not None:
-            # The kept pass's gradients land on its copies of the weights; M's own take them.
-            grads = torch.autograd.grad(
-                self.sg_scaler.scale(loss), entry.weights, allow_unused=True
-            )
-            for param, grad in zip(self.synthesizer.parameters(), grads, strict=True):
-                param.grad = grad
-        else:
-            torch.autograd.backward(self.sg_scaler.scale(loss))
+        torch.autograd.backward(self.sg_scaler.scale(loss))
         self.sg_scaler.step(self.sg_optimizer)
         self.sg_scaler.update()
         cosine = float(F.cosine_similarity(prediction.detach().flatten(), target.flatten(), dim=0))
@@ -127,22 +104,6 @@ class SynthesizerStage(MethodStage):
         stats.sg_compute_s += elapsed
         stats.compute_s += elapsed
         return Sends()
-
-    def _prediction_pass(
-        self, h: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """M(h [, y]) (B, ...) with its graph, computed from copies of M's parameters (returned
-        too): M steps on other targets before this one comes back, and its in-place updates
-        must not touch what this graph saved."""
-        names = [name for name, _ in self.synthesizer.named_parameters()]
-        weights = tuple(
-            p.detach().clone().requires_grad_(True) for p in self.synthesizer.parameters()
-        )
-        with self.stage.autocast():
-            prediction = torch.func.functional_call(
-                self.synthesizer, dict(zip(names, weights, strict=True)), (h, labels)
-            )
-        return prediction.float(), weights
 
     @torch.no_grad()
     def predicted_gradient(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -189,7 +150,6 @@ class DNI(Method):
             scale=sg.scale,
             history=sg.history,
             train_every=sg.train_every,
-            recompute=sg.recompute,
         )
 
     def _synthesizer(self, shape: tuple[int, ...], num_classes: int, index: int) -> Synthesizer:
@@ -203,17 +163,13 @@ class DNI(Method):
     def boundary_work(
         self, shape: tuple[int, ...], num_classes: int
     ) -> Callable[[torch.Tensor, torch.Tensor], None]:
-        """A prediction and, as every target arrives, one training step of the synthesizer
-        (a pass more when ``method.sg.recompute``)."""
+        """A prediction and, as every target arrives, one training step of the synthesizer."""
         synthesizer = self._synthesizer(shape, num_classes, 0)
         params = list(synthesizer.parameters())
 
-        recompute = self.cfg.method.sg.recompute
-
         def work(h: torch.Tensor, labels: torch.Tensor) -> None:
-            if recompute:
-                with torch.no_grad():
-                    synthesizer(h, labels)
+            with torch.no_grad():
+                synthesizer(h, labels)
             loss = fit_loss(synthesizer(h, labels), torch.zeros_like(h))
             grads = torch.autograd.grad(loss, params)
             # A plain step in place of the stage's Adam (a few elementwise passes more): the

@@ -17,7 +17,7 @@ from decoupled.local import LocalTrainer
 from decoupled.methods import MethodStage
 from decoupled.methods.dni import SynthesizerStage
 from decoupled.stage import NonFiniteError, cross_entropy
-from decoupled.synthesizer import Synthesizer, fit_loss
+from decoupled.synthesizer import Synthesizer
 from tests.conftest import gpt_config, small_config, with_history
 
 
@@ -206,72 +206,6 @@ def test_synthesizer_trains_on_every_nth_target_only(digits: Dataset) -> None:
     first = summary["stages"][0]
     assert first["sg_updates"] == 4  # steps 0, 3, 6, 9
     assert first["targets_expired"] == 0  # the others are skipped, not lost
-
-
-def _sg_gradient_step(
-    synthesizer: Synthesizer, h: torch.Tensor, y: torch.Tensor, target: torch.Tensor, lr: float
-) -> list[torch.Tensor]:
-    """M's parameters after one SGD step on fit_loss(M(h, y), target), M left untouched."""
-    model = copy.deepcopy(synthesizer)
-    grads = torch.autograd.grad(fit_loss(model(h, y), target), list(model.parameters()))
-    return [(p - lr * g).detach() for p, g in zip(model.parameters(), grads, strict=True)]
-
-
-@pytest.mark.parametrize("recompute", [False, True])
-def test_late_target_fits_the_synthesizer_that_predicted_unless_recomputed(
-    digits: Dataset, recompute: bool
-) -> None:
-    """Step 1's target arrives after M stepped on step 0's. Kept pass: M's gradient is taken at
-    the weights that made step 1's prediction; recompute: at M's current weights."""
-    cfg = small_config(["method.name=cdni", "stages=2", f"method.sg.recompute={recompute}"])
-    stage = build_stage(cfg, 0, digits.input_shape, 10)
-    assert isinstance(stage, SynthesizerStage)
-    torch.nn.init.normal_(stage.synthesizer.output_layer.weight, std=0.1)
-    lr = 0.5
-    stage.sg_optimizer = torch.optim.SGD(stage.synthesizer.parameters(), lr=lr)
-    predicting = copy.deepcopy(stage.synthesizer)  # M as it predicts steps 0 and 1
-    xs, ys = digits.train_x[:16].chunk(2), digits.train_y[:16].chunk(2)
-    hs = []
-    for seq in (0, 1):
-        sends = stage.forward(seq, xs[seq], ys[seq])
-        assert sends.forward is not None
-        hs.append(sends.forward)
-    targets = [torch.randn_like(h) for h in hs]
-    stage.backward(0, targets[0])
-    after_first = _sg_gradient_step(predicting, hs[0], ys[0], targets[0], lr)
-    for p, expected in zip(stage.synthesizer.parameters(), after_first, strict=True):
-        torch.testing.assert_close(p.detach(), expected)
-    moved = copy.deepcopy(stage.synthesizer)  # M after step 0's fit
-    stage.backward(1, targets[1])
-    # The fit of step 1 is one gradient step from M's current weights, the gradient taken at
-    # the predicting weights (kept pass) or at the current ones (recompute).
-    at = moved if recompute else predicting
-    grads = torch.autograd.grad(fit_loss(at(hs[1], ys[1]), targets[1]), list(at.parameters()))
-    other = predicting if recompute else moved
-    other_grads = torch.autograd.grad(
-        fit_loss(other(hs[1], ys[1]), targets[1]), list(other.parameters())
-    )
-    assert any(not torch.allclose(a, b) for a, b in zip(grads, other_grads, strict=True))
-    for p, start, g in zip(stage.synthesizer.parameters(), moved.parameters(), grads, strict=True):
-        torch.testing.assert_close(p.detach(), (start - lr * g).detach())
-
-
-def test_kept_prediction_pass_equals_recompute_in_lockstep(digits: Dataset) -> None:
-    """With every target back before M's next step the kept pass is the recomputed one."""
-    runs = []
-    for recompute in (False, True):
-        cfg = small_config(
-            ["method.name=cdni", "stages=3", "train.steps=8", f"method.sg.recompute={recompute}"]
-        )
-        trainer = LocalTrainer(cfg, digits)
-        trainer.run()
-        params = _params(trainer.stages)
-        for stage in trainer.stages[:-1]:
-            assert isinstance(stage, SynthesizerStage)
-            params += [p.detach().clone() for p in stage.synthesizer.parameters()]
-        runs.append(params)
-    for a, b in zip(*runs, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("fused", [False, True])
