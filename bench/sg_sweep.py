@@ -10,9 +10,10 @@ at K=2 is 1-3 steps), and reports the test accuracy against backprop's on the sa
 
 Variants (``--variants``; each a list of config overrides on top of the config's cDNI/DNI):
 ``default`` (one hidden layer of 256, lr 1e-4), ``linear`` (no hidden layer, as in much of the
-paper), ``hidden1024``, ``hidden128`` (half the synthesizer's cost on the critical path), ``lr1e-5``/``lr3e-4``/``lr1e-3`` (the synthesizer's Adam rate),
-``scale0.1`` (the synthetic gradient scaled down, Czarnecki et al. 2017), ``every2``/``every4``
-(the synthesizer trained on every n-th target only, which cuts its cost on the critical path).
+paper), ``hidden1024``, ``hidden128`` (half the synthesizer's cost on the critical path),
+``lr1e-5``/``lr3e-4``/``lr1e-3`` (the synthesizer's Adam rate), ``scale0.1`` (the synthetic
+gradient scaled down, Czarnecki et al. 2017), ``every2``/``every4`` (the synthesizer trained on
+every n-th target only, which cuts its cost on the critical path).
 The split is the even one (``model.boundaries=even``, [3] of 6 blocks) so that runs are
 deterministic; ``auto`` chose [3] or [4] in the time-to-accuracy runs.
 
