@@ -182,8 +182,8 @@ class OptimConfig:
     # Per-stage learning rate / weight decay, e.g. [{stage: 0, lr: 3e-4}].
     per_stage: list[StageOptimConfig] = field(default_factory=list)
     # torch's fused kernel for the update (one pass over each parameter instead of a loop of
-    # elementwise ops; CPU and CUDA), the stages' and the synthesizers': several times faster
-    # on CPU (docs/performance.md), equal to the default up to rounding.
+    # elementwise ops; CPU and CUDA), the stages' and the synthesizers': 3-16% faster steps on
+    # CPU (docs/performance.md), equal to the default up to rounding.
     fused: bool = False
 
 

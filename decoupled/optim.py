@@ -36,8 +36,7 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """The torch optimizer of stage ``index``."""
     lr, decay = stage_settings(cfg, index)
-    # None, not False: torch's own default (its for-each path where it has one).
-    fused = True if cfg.fused else None
+    fused = _fused(cfg)
     if cfg.name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=decay, fused=fused)
     if cfg.name == "adamw":
@@ -49,7 +48,12 @@ def build_synthesizer_optimizer(
     params: Iterable[nn.Parameter], lr: float, cfg: OptimConfig
 ) -> torch.optim.Adam:
     """A synthesizer's Adam (``method.sg.lr``), on the stages' kernel choice (``optim.fused``)."""
-    return torch.optim.Adam(params, lr=lr, fused=True if cfg.fused else None)
+    return torch.optim.Adam(params, lr=lr, fused=_fused(cfg))
+
+
+def _fused(cfg: OptimConfig) -> bool | None:
+    """torch's ``fused`` argument: None, not False, leaves torch its own default path."""
+    return True if cfg.fused else None
 
 
 def lr_factor(update: int, cfg: OptimConfig, total: int) -> float:
